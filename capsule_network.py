@@ -59,9 +59,10 @@ RECON_WEIGHT = 0.0005  # reconstruction loss = this x sum of squared pixel error
 DECODER_HIDDEN1 = 512  # first decoder layer width (Fig. 2)
 DECODER_HIDDEN2 = 1024  # second decoder layer width (Fig. 2)
 AMP = True  # bf16 autocast for the convolutions and decoder where the device supports bf16
-COMPILE = False  # torch.compile the model (falls back to eager with a warning if it fails)
+COMPILE = True  # torch.compile the capsule part (W_ij predictions + routing); eager if it fails
 CHANNELS_LAST = True  # channels_last memory format for the convolutions
 CPU_MALLOC_TUNING = True  # keep glibc from returning big activations to the OS each step (CPU)
+CPU_GEMM_WEIGHT_GRAD = True  # CPU: PrimaryCaps weight gradient as one im2col GEMM (same math, faster)
 PROGRESS_EVERY = 25  # refresh the running loss/accuracy in the tqdm bar every N batches
 RECON_IMAGES = 16  # test images shown next to their reconstructions in Visdom
 VISUALIZE_EVERY_EPOCH = True  # capsule visualisations (Fig. 4, class masks, couplings) in Visdom
@@ -271,19 +272,107 @@ def dynamic_routing(u_hat, iterations, logit_changes=None):
     b_ij starts at 0 for every example; c_i = softmax over the parents j, so sum_j c_ij = 1.
     If `logit_changes` is a list, the mean |change of b_ij| of every iteration is appended to it
     (detached tensors; Appendix A's measure), including the last, unused, update.
+    The model runs the same computation factored (capsule_layer); this is the plain reference.
     """
-    u = u_hat.transpose(1, 2)  # (B, J, I, E); contiguous when DigitCaps made it
-    b = u.new_zeros(u.shape[:3])  # (B, J, I)
+    b = u_hat.new_zeros(u_hat.shape[:3])  # (B, I, J)
     for r in range(iterations):
-        c = b.softmax(dim=1)  # (B, J, I), softmax over parents j
-        s = torch.einsum("bji,bjie->bje", c, u)  # (B, J, E)
+        c = b.softmax(dim=2)  # (B, I, J), softmax over parents j
+        s = torch.einsum("bij,bije->bje", c, u_hat)  # (B, J, E) = sum_i c_ij u_hat_j|i
         v = squash(s)  # (B, J, E)
         if r < iterations - 1 or logit_changes is not None:
-            agreement = torch.einsum("bjie,bje->bji", u, v)  # (B, J, I) = u_hat_j|i . v_j
+            agreement = torch.einsum("bije,bje->bij", u_hat, v)  # (B, I, J) = u_hat_j|i . v_j
             if logit_changes is not None:
                 logit_changes.append(agreement.detach().abs().mean())
             b = b + agreement
-    return v, c.transpose(1, 2)  # (B, J, E), (B, I, J)
+    return v, c
+
+
+class StridedConvGemmGrad(torch.autograd.Function):
+    """conv2d (no padding) whose weight gradient is computed as one im2col GEMM.
+
+    Same mathematics as F.conv2d; on CPUs oneDNN's weight-gradient kernel for the 256->256 9x9
+    stride-2 PrimaryCaps convolution runs far below the matrix units' speed, and this is the
+    largest single cost of a training step (measured in README "Speed")."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride):
+        ctx.save_for_backward(x, weight)
+        ctx.stride = stride
+        return F.conv2d(x, weight, bias, stride)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        s = ctx.stride
+        O, C, K, _ = weight.shape
+        B, _, H, W = x.shape
+        OH, OW = grad.shape[2:]
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [s, s], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        xs = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C); no copy for channels_last input
+        # every K x K x C input patch as one row: (B*OH*OW, K*K*C), ordered like a channels_last weight
+        patches = xs.as_strided((B, OH, OW, K, K, C), (H * W * C, s * W * C, s * C, W * C, C, 1))
+        patches = patches.reshape(B * OH * OW, K * K * C)
+        g = grad.permute(1, 0, 2, 3).reshape(O, B * OH * OW)  # (O, B*OH*OW)
+        grad_weight = (g @ patches).view(O, K, K, C).permute(0, 3, 1, 2)  # (O, C, K, K)
+        grad_bias = grad.sum((0, 2, 3))
+        return grad_input, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
+
+
+def capsule_layer(W, u, iterations, record):
+    """DigitCaps with routing: W (J, I, E, D), primary capsules u (B, I, D) -> v (B, J, E),
+    c (B, I, J) and, if `record`, the mean |change of b_ij| per iteration (iterations,), else None.
+
+    The same computation as dynamic_routing(u_hat) with u_hat_j|i = W_ij u_i (tests check this),
+    factored so that u_hat, 1152 x 10 x 16 numbers per image, is never built:
+      s_j = sum_i c_ij W_ij u_i            = one GEMM per class over k = (i, d), K = 9216
+      u_hat_j|i . v_j = u_i . (W_ij^T v_j) = one GEMM per class, then a dot over d.
+    In the first iteration c_ij = 1/J for all i, j, so s is a single GEMM of u with all of W."""
+    J, I, E, D = W.shape
+    B = u.shape[0]
+    Wk = W.permute(0, 2, 1, 3).reshape(J, E, I * D)  # (J, E, K): row e of W_ij for every k = (i, d)
+    u_flat = u.reshape(B, I * D)  # (B, K)
+    changes = []
+    b = None  # routing logits, (J, B, I); b_ij = 0 before the first iteration
+    for r in range(iterations):
+        if b is None:
+            c = u.new_full((J, B, I), 1.0 / J)  # softmax of zeros over the J parents
+            s = (u_flat @ Wk.reshape(J * E, I * D).t()).reshape(B, J, E).transpose(0, 1) / J  # (J, B, E)
+        else:
+            c = b.softmax(dim=0)  # (J, B, I), softmax over parents j
+            x = (c.unsqueeze(-1) * u.unsqueeze(0)).reshape(J, B, I * D)  # (J, B, K): c_ij u_i
+            s = torch.bmm(x, Wk.transpose(1, 2))  # (J, B, E) = sum_i c_ij W_ij u_i
+        v = squash(s)  # (J, B, E)
+        if r < iterations - 1 or record:
+            wv = torch.bmm(v, Wk).reshape(J, B, I, D)  # W_ij^T v_j
+            agreement = (wv * u.unsqueeze(0)).sum(-1)  # (J, B, I) = u_hat_j|i . v_j
+            if record:
+                changes.append(agreement.detach().abs().mean())
+            b = agreement if b is None else b + agreement
+    return v.transpose(0, 1), c.permute(1, 2, 0), (torch.stack(changes) if record else None)
+
+
+class CompiledOrEager:
+    """torch.compile(fn), falling back to fn with one warning if compiling fails (no compiler,
+    unsupported platform). Compilation happens at the first call of each new input kind."""
+
+    def __init__(self, fn):
+        self.eager = fn
+        self.fn = torch.compile(fn)
+
+    def __call__(self, *args):
+        if self.fn is self.eager:
+            return self.eager(*args)
+        try:
+            return self.fn(*args)
+        except Exception as e:  # torch._dynamo / inductor raise many types
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            print(f"warning: torch.compile failed ({type(e).__name__}: {first}); running eagerly",
+                  file=sys.stderr)
+            self.fn = self.eager
+            return self.eager(*args)
 
 
 class CapsuleNet(nn.Module):
@@ -304,7 +393,7 @@ class CapsuleNet(nn.Module):
         grid = ((image_size - kernel_size + 1) - kernel_size) // 2 + 1  # 6 for MNIST
         self.grid = grid
         self.num_primary = primary_caps * grid * grid  # I = 1152
-        # W_ij for every child i and parent j, stored (J, I, E, D) so u_hat comes out (B, J, I, E).
+        # W_ij (E x D) for every parent j and child i: (J, I, E, D); small initialisation.
         self.W = nn.Parameter(w_init_std * torch.randn(num_classes, self.num_primary, digit_dim, primary_dim))
         self.decoder = nn.Sequential(
             nn.Linear(digit_dim * num_classes, decoder_hidden[0]), nn.ReLU(inplace=True),
@@ -313,11 +402,23 @@ class CapsuleNet(nn.Module):
         )
         self.record_routing = False  # when True, capsules() appends Appendix A's logit changes
         self.logit_changes = []
+        self.capsule_layer = capsule_layer  # replaced by a compiled version by use_compile()
+        self.gemm_weight_grad = False  # set by place_model() on CPUs (CPU_GEMM_WEIGHT_GRAD)
+
+    def use_compile(self):
+        """torch.compile the capsule part only: it fuses the memory-bound routing ops, while the
+        convolutions stay on the vendor kernels (compiling them made CPU training slower)."""
+        self.capsule_layer = CompiledOrEager(capsule_layer)
 
     def primary_capsules(self, images):
         """images (B, 1, H, W) -> squashed primary capsules (B, I=1152, D=8)."""
         x = F.relu(self.conv1(images), inplace=True)  # (B, 256, 20, 20)
-        x = self.primary(x)  # (B, 32*8, 6, 6)
+        if self.gemm_weight_grad and torch.is_grad_enabled() and self.primary.weight.requires_grad:
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            x = StridedConvGemmGrad.apply(x.to(dtype), self.primary.weight.to(dtype), self.primary.bias.to(dtype),
+                                          self.primary.stride[0])  # (B, 32*8, 6, 6)
+        else:
+            x = self.primary(x)  # (B, 32*8, 6, 6)
         B = x.shape[0]
         # Each capsule is the 8 channels of one type at one pixel, never neighbouring pixels.
         x = x.reshape(B, self.primary_caps, self.primary_dim, self.grid, self.grid)  # (B, T, D, 6, 6)
@@ -328,11 +429,9 @@ class CapsuleNet(nn.Module):
         """images (B, 1, H, W) -> digit capsules v (B, J, E) and couplings c (B, I, J), in fp32."""
         u = self.primary_capsules(images)  # (B, I, D)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            u_hat = torch.einsum("jied,bid->bjie", self.W.float(), u)  # (B, J, I, E)
-            changes = [] if self.record_routing else None
-            v, c = dynamic_routing(u_hat.transpose(1, 2), self.routing_iterations, changes)
-            if changes is not None:
-                self.logit_changes.append(torch.stack(changes))
+            v, c, changes = self.capsule_layer(self.W.float(), u, self.routing_iterations, self.record_routing)
+        if changes is not None:
+            self.logit_changes.append(changes)
         return v, c
 
     def decode(self, v, classes):
@@ -453,15 +552,14 @@ class Stepper:
 
     Training images get their per-image random shift here, on the device; test images never do."""
 
-    def __init__(self, model, loss_fn, device, dtype, max_shift, channels_last, base_model=None):
-        self.model, self.loss_fn = model, loss_fn  # model: the callable, possibly torch.compile'd
-        self.base_model = base_model if base_model is not None else model  # its .training is the mode
+    def __init__(self, model, loss_fn, device, dtype, max_shift, channels_last):
+        self.model, self.loss_fn = model, loss_fn
         self.device, self.dtype = device, dtype
         self.max_shift, self.channels_last = max_shift, channels_last
 
     def __call__(self, sample):
         images_u8, labels = sample
-        training = self.base_model.training
+        training = self.model.training  # the mode is the model's: model.train() / model.eval()
         images = to_float_images(images_u8)
         if training:
             images = random_shift(images, self.max_shift)
@@ -804,8 +902,7 @@ class Trainer:
         self.cfg, self.device, self.model = cfg, device, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dtype = amp_dtype(device, cfg["AMP"])
-        self.network = Stepper(maybe_compile(model, cfg["COMPILE"]), build_loss(cfg), device, self.dtype,
-                               cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"], base_model=model)
+        self.network = Stepper(model, build_loss(cfg), device, self.dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"])
         self.train_batches = DeviceBatches(*train_data, cfg["BATCH_SIZE"], shuffle=True)
         self.test_batches = DeviceBatches(*test_data, cfg["EVAL_BATCH_SIZE"], shuffle=False)
         self.test_images, self.test_labels = test_data
@@ -936,16 +1033,6 @@ class Trainer:
         self.engine.train(self.network, self.train_batches, epochs, self.optimizer)
 
 
-def maybe_compile(model, enabled):
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as e:
-        print(f"warning: torch.compile unavailable ({type(e).__name__}); running eagerly", file=sys.stderr)
-        return model
-
-
 def truncate_metrics(run_dir, last_epoch):
     """Drop metrics rows past the checkpoint's epoch (a run killed after writing them)."""
     rows = read_metrics(run_dir)
@@ -973,6 +1060,9 @@ def place_model(model, cfg, device):
     model = model.to(device)
     if cfg["CHANNELS_LAST"]:
         model = model.to(memory_format=torch.channels_last)
+    if cfg["COMPILE"]:
+        model.use_compile()
+    model.gemm_weight_grad = device.type == "cpu" and cfg["CPU_GEMM_WEIGHT_GRAD"]
     return model
 
 
@@ -1190,8 +1280,7 @@ def run_benchmark(cfg, json_path=None):
     model = place_model(build_model(cfg), cfg, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["LR"])
     dtype = amp_dtype(device, cfg["AMP"])
-    network = Stepper(maybe_compile(model, cfg["COMPILE"]), build_loss(cfg), device, dtype, cfg["MAX_SHIFT"],
-                      cfg["CHANNELS_LAST"], base_model=model)
+    network = Stepper(model, build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"])
     batch = synthetic_batch(cfg, device)
 
     def train_step():  # exactly what torchnet's Engine does per training batch

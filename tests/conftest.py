@@ -1,0 +1,161 @@
+"""Shared fixtures for the capsule_network.py test suite.
+
+No test needs the real MNIST: `tiny_mnist` writes 200 training and 100 test images as
+uncompressed IDX files in torchvision's layout (ROOT/MNIST/raw/...), so
+torchvision.datasets.MNIST(ROOT, download=True) finds them and downloads nothing.
+End-to-end runs use a small architecture (through the script's own flags) to stay fast.
+"""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "capsule_network.py")
+sys.path.insert(0, ROOT)
+
+import capsule_network as cn  # noqa: E402  (after the sys.path change)
+
+MNIST_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+N_TRAIN, N_TEST = 200, 100
+
+# Small architecture for end-to-end runs: every size is a flag of the script.
+SMALL_ARCH = ["--conv1-channels", "16", "--primary-caps", "4",
+              "--decoder-hidden1", "32", "--decoder-hidden2", "64"]
+SMALL_BATCHES = ["--batch-size", "20", "--eval-batch-size", "50"]
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+               "train_seconds", "test_seconds"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_accuracy", "config", "rng_state"}
+
+
+# ---- tiny MNIST ----
+def make_digits(n, seed):
+    """n learnable-ish 28x28 uint8 images: class k is a bright 6x6 blob at a class-specific place
+    (jittered by one pixel) on a noisy background. Labels cycle 0..9, so any prefix of >= 10
+    images holds every class."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        r = 4 + (k // 4) * 7 + rng.integers(-1, 2)
+        c = 3 + (k % 4) * 6 + rng.integers(-1, 2)
+        images[i, r:r + 6, c:c + 6] = 180 + rng.integers(0, 76)
+    return images, labels.astype(np.uint8)
+
+
+def write_idx_images(path, images):
+    n, h, w = images.shape
+    with open(path, "wb") as f:
+        f.write(struct.pack(">IIII", 0x00000803, n, h, w) + images.astype(np.uint8).tobytes())
+
+
+def write_idx_labels(path, labels):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">II", 0x00000801, len(labels)) + np.asarray(labels, np.uint8).tobytes())
+
+
+def write_mnist(root, n_train=N_TRAIN, n_test=N_TEST):
+    """Write the four IDX files under root/MNIST/raw; return the arrays written."""
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    train, test = make_digits(n_train, seed=1), make_digits(n_test, seed=2)
+    for prefix, (images, labels) in (("train", train), ("t10k", test)):
+        write_idx_images(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), images)
+        write_idx_labels(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), labels)
+    return {"root": root, "raw": raw, "train": train, "test": test}
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory):
+    """Read-only tiny MNIST shared by the session (tests that corrupt data make their own)."""
+    return write_mnist(str(tmp_path_factory.mktemp("mnist")))
+
+
+@pytest.fixture
+def fresh_mnist(tmp_path):
+    """A private copy of tiny MNIST that a test may damage."""
+    return write_mnist(str(tmp_path / "data"))
+
+
+# ---- running the script ----
+def run_script(args, cwd=None, timeout=300, env=None):
+    """Run capsule_network.py in a subprocess -> CompletedProcess (text), with .seconds added."""
+    # One intra-op thread: the tiny runs gain nothing from two, and spinning OpenMP threads make
+    # them very slow when the machine is shared (results are the same either way).
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    done.seconds = time.perf_counter() - started
+    return done
+
+
+def describe(done):
+    """Failure message with the process's output."""
+    return f"exit {done.returncode}\n--- stdout ---\n{done.stdout[-4000:]}\n--- stderr ---\n{done.stderr[-4000:]}"
+
+
+def train_args(data_root, run_dir, *extra, epochs=2):
+    return ["--data-dir", data_root, "--run-dir", run_dir, "--no-visdom", "--epochs", epochs,
+            *SMALL_ARCH, *SMALL_BATCHES, *extra]
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_pt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_mnist, tmp_path_factory):
+    """A 2-epoch training run of the small architecture (seed 0). Tests must not write into it:
+    copy it with `copy_run` first."""
+    run_dir = str(tmp_path_factory.mktemp("trained") / "run")
+    done = run_script(train_args(tiny_mnist["root"], run_dir, epochs=2))
+    assert done.returncode == 0, describe(done)
+    return {"dir": run_dir, "process": done, "data": tiny_mnist}
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+# ---- models built in-process ----
+def small_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(conv1_channels=16, primary_caps=4, decoder_hidden=(32, 64))
+    args.update(kw)
+    return cn.CapsuleNet(**args).eval()
+
+
+@pytest.fixture(scope="session")
+def full_model():
+    """The paper-sized CapsuleNet with the script's default constants (eval mode, seed 0)."""
+    torch.manual_seed(0)
+    return cn.CapsuleNet().eval()
+
+
+@pytest.fixture
+def digit_batch(tiny_mnist):
+    """Float test images (8, 1, 28, 28) in [0, 1] and their labels, one of classes 0..7 each."""
+    images, labels = tiny_mnist["test"]
+    x = cn.to_float_images(torch.from_numpy(images[:8].copy()))
+    return x, torch.from_numpy(labels[:8].astype(np.int64))

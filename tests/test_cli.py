@@ -1,0 +1,110 @@
+"""Command line surface: importing has no side effects; every constant is a flag with its default."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SCRIPT, cn
+
+BRIEF_FLAGS = ["--data-dir", "--device", "--epochs", "--batch-size", "--lr", "--lr-decay",
+               "--routing-iterations", "--seed", "--train-size", "--test-size", "--run-dir", "--resume",
+               "--eval-only", "--no-visdom", "--visdom-server", "--visdom-port", "--visdom-env"]
+
+
+def test_import_prints_nothing_and_creates_no_files(tmp_path):
+    """`import capsule_network` in a fresh interpreter writes nothing to stdout/stderr and creates
+    no file in the working directory."""
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([sys.executable, "-c", "import capsule_network"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def help_blocks():
+    """--help output split into one text block per option."""
+    env = dict(os.environ, COLUMNS="200")
+    done = subprocess.run([sys.executable, SCRIPT, "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    blocks, current = {}, None
+    for line in done.stdout.splitlines():
+        m = re.match(r"^  (-[-\w]+)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+    return done.stdout, blocks
+
+
+def test_help_lists_every_constant_with_its_default():
+    """--help lists a flag for every constant (FOO_BAR -> --foo-bar) with '(default: value)',
+    plus the mode flags."""
+    text, blocks = help_blocks()
+    for name, _ in cn.constants_table():
+        flag = "--" + name.lower().replace("_", "-")
+        assert flag in blocks, flag
+        assert f"(default: {getattr(cn, name)})" in " ".join(blocks[flag].split()), blocks[flag]
+    for flag in BRIEF_FLAGS:
+        assert re.search(rf"(^|[\s\[,]){re.escape(flag)}\b", text), flag
+    for flag in ("--resume", "--eval-only", "--visualize", "--benchmark", "--benchmark-json", "--export-weights"):
+        assert flag in blocks, flag
+    assert "--benchmark-baseline-worker" not in text  # internal
+
+
+def test_every_constant_in_the_block_is_a_flag():
+    """Every assignment in the constants block has a help comment, so none is left without a flag."""
+    with open(SCRIPT, encoding="utf-8") as f:
+        block = f.read().split("# ---- constants", 1)[1].split("# ---- end of constants", 1)[0]
+    assigned = re.findall(r"^([A-Z][A-Z0-9_]*)\s*=", block, re.M)
+    assert len(assigned) >= 40
+    assert [name for name, _ in cn.constants_table()] == assigned
+
+
+def test_flags_parse_to_the_right_types():
+    """Each flag sets its constant with the constant's type; unspecified ones keep the defaults."""
+    parser = cn.build_parser()
+    args = parser.parse_args(["--lr", "0.01", "--epochs", "7", "--no-amp", "--compile", "--visdom-env", "x",
+                              "--max-shift", "0", "--test-size", "10"])
+    cfg = cn.make_config(args, None)
+    assert cfg["LR"] == 0.01 and cfg["EPOCHS"] == 7 and cfg["AMP"] is False and cfg["COMPILE"] is True
+    assert cfg["VISDOM_ENV"] == "x" and cfg["MAX_SHIFT"] == 0 and cfg["TEST_SIZE"] == 10
+    untouched = {k: v for k, v in cfg.items() if k not in
+                 ("LR", "EPOCHS", "AMP", "COMPILE", "VISDOM_ENV", "MAX_SHIFT", "TEST_SIZE")}
+    assert untouched == {k: v for k, v in cn.default_config().items() if k in untouched}
+    # every constant given explicitly at its default value gives the default config back
+    argv = []
+    for name, value in cn.default_config().items():
+        flag = "--" + name.lower().replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    assert cn.make_config(parser.parse_args(argv), None) == cn.default_config()
+
+
+def test_checkpoint_config_then_flags(tmp_path):
+    """When resuming: the checkpoint's config replaces the constants, flags given now replace both,
+    and the run dir defaults to the checkpoint's directory."""
+    parser = cn.build_parser()
+    resume = str(tmp_path / "old" / "last.pt")
+    ckpt = {"model": {}, "config": dict(cn.default_config(), EPOCHS=3, CONV1_CHANNELS=16, RUN_DIR="/elsewhere",
+                                        NOT_A_CONSTANT=1)}
+    cfg = cn.make_config(parser.parse_args(["--resume", resume, "--epochs", "9"]), ckpt)
+    assert cfg["EPOCHS"] == 9 and cfg["CONV1_CHANNELS"] == 16
+    assert cfg["RUN_DIR"] == str(tmp_path / "old")
+    assert "NOT_A_CONSTANT" not in cfg
+    cfg = cn.make_config(parser.parse_args(["--resume", resume, "--run-dir", "/chosen"]), ckpt)
+    assert cfg["RUN_DIR"] == "/chosen" and cfg["EPOCHS"] == 3
+
+
+@pytest.mark.parametrize("name", ["DATA_DIR", "RUN_DIR", "SEED", "EPOCHS", "LR", "VISDOM_PORT"])
+def test_documented_defaults(name):
+    """A few defaults the README and the paper rely on."""
+    expected = {"DATA_DIR": "data", "RUN_DIR": "runs/capsnet", "SEED": 0, "EPOCHS": 50, "LR": 1e-3,
+                "VISDOM_PORT": 8097}
+    assert cn.default_config()[name] == expected[name]

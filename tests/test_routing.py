@@ -1,0 +1,102 @@
+"""dynamic_routing (Procedure 1): u_hat (B, I, J, E) -> v (B, J, E), couplings c (B, I, J)."""
+
+import pytest
+import torch
+
+from conftest import cn
+
+
+def reference_routing(u_hat, iterations):
+    """Procedure 1 written out literally (float64, exact squash) for comparison."""
+    B, I, J, E = u_hat.shape
+    b = torch.zeros(B, I, J, dtype=u_hat.dtype)
+    for r in range(iterations):
+        c = torch.softmax(b, dim=2)  # over parents j
+        s = (c[..., None] * u_hat).sum(1)  # (B, J, E)
+        n2 = (s * s).sum(-1, keepdim=True)
+        v = n2 / (1 + n2) * s / n2.sqrt()
+        b = b + (u_hat * v[:, None]).sum(-1)
+    return v, c
+
+
+def random_u_hat(B=2, I=12, J=5, E=4, seed=0):
+    return torch.randn(B, I, J, E, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+def test_shapes_and_couplings_sum_to_one(iterations):
+    """v is (B, J, E), c is (B, I, J), and every child's couplings sum to 1 over the parents."""
+    u = random_u_hat()
+    v, c = cn.dynamic_routing(u, iterations)
+    assert v.shape == (2, 5, 4) and c.shape == (2, 12, 5)
+    torch.testing.assert_close(c.sum(2), torch.ones(2, 12, dtype=u.dtype))
+    assert (c > 0).all()
+    assert (v.norm(dim=-1) < 1).all()
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_matches_procedure_1(iterations):
+    """The result equals a literal implementation of Procedure 1."""
+    u = random_u_hat(B=3, I=20, J=10, E=16, seed=1)
+    v, c = cn.dynamic_routing(u, iterations)
+    v_ref, c_ref = reference_routing(u, iterations)
+    torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(c, c_ref, rtol=1e-6, atol=1e-8)
+
+
+def test_one_iteration_is_uniform():
+    """With a single iteration c_ij = 1/J and v_j = squash(mean over parents' share of sum_i u_hat)."""
+    u = random_u_hat(J=5)
+    v, c = cn.dynamic_routing(u, 1)
+    torch.testing.assert_close(c, torch.full_like(c, 1 / 5))
+    torch.testing.assert_close(v, cn.squash(u.sum(1) / 5))
+
+
+def agreeing_u_hat(B=4, I=32, J=10, E=16, seed=0):
+    """Every child predicts the same vector for parent 0 (agreement) and independent random
+    vectors of the same size for the other parents."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, I, J, E, generator=g)
+    u = u / u.norm(dim=-1, keepdim=True)
+    shared = torch.randn(B, 1, E, generator=g)
+    u[:, :, 0] = (shared / shared.norm(dim=-1, keepdim=True)).expand(B, I, E)
+    return u
+
+
+def test_agreeing_predictions_win_the_couplings():
+    """Routing by agreement moves coupling towards the parent all children agree on."""
+    J = 10
+    u = agreeing_u_hat(J=J)
+    _, c1 = cn.dynamic_routing(u, 1)
+    v3, c3 = cn.dynamic_routing(u, 3)
+    assert c3[:, :, 0].mean() > 1 / J
+    assert c3[:, :, 0].mean() > c1[:, :, 0].mean() + 0.01
+    assert (c3[:, :, 0] > c3[:, :, 1:].max(dim=2).values).all()  # every child, every example
+    lengths = v3.norm(dim=-1)
+    assert (lengths.argmax(1) == 0).all()
+    assert (lengths < 1).all()
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 4])
+def test_logit_changes_get_one_scalar_per_iteration(iterations):
+    """A `logit_changes` list receives `iterations` detached scalars, the mean |u_hat . v| of each
+    iteration, and passing it does not change the result."""
+    u = random_u_hat(seed=3).requires_grad_(True)
+    changes = []
+    v, c = cn.dynamic_routing(u, iterations, changes)
+    v_plain, c_plain = cn.dynamic_routing(u, iterations)
+    assert len(changes) == iterations
+    assert all(t.dim() == 0 and not t.requires_grad and torch.isfinite(t) and t >= 0 for t in changes)
+    torch.testing.assert_close(v, v_plain)
+    torch.testing.assert_close(c, c_plain)
+    # the last entry is the (unused) update computed from the final v
+    last = (u.detach() * v.detach()[:, None]).sum(-1).abs().mean()
+    torch.testing.assert_close(changes[-1], last)
+
+
+def test_gradients_flow_through_routing():
+    """v is differentiable with respect to u_hat (the W matrices learn through it)."""
+    u = random_u_hat().requires_grad_(True)
+    v, _ = cn.dynamic_routing(u, 3)
+    v.norm(dim=-1).sum().backward()
+    assert torch.isfinite(u.grad).all() and u.grad.abs().sum() > 0

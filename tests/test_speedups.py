@@ -1,0 +1,96 @@
+"""Speed-ups that must not change the mathematics: the im2col-GEMM weight gradient of the
+PrimaryCaps convolution (CPU_GEMM_WEIGHT_GRAD) and the torch.compile'd capsule layer (COMPILE)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import cn, small_model
+
+
+def conv_grads(x, weight, bias, stride, gemm):
+    x = x.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    b = bias.detach().clone().requires_grad_(True)
+    out = cn.StridedConvGemmGrad.apply(x, w, b, stride) if gemm else F.conv2d(x, w, b, stride)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
+    (out * g).sum().backward()
+    return out.detach(), x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(3, 16, 20, 20, 32, 2), (2, 256, 20, 20, 256, 2), (2, 5, 11, 13, 7, 1)])
+def test_gemm_weight_gradient_equals_conv2d(shape, channels_last):
+    """StridedConvGemmGrad: same output and the same input, weight and bias gradients as
+    F.conv2d (fp32), for the PrimaryCaps layer's shape and others, either memory format."""
+    B, C, H, W, O, stride = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, H, W, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = 0.05 * torch.randn(O, C, 9 if H >= 18 else 3, 9 if H >= 18 else 3, generator=g)
+    bias = torch.randn(O, generator=g)
+    ref = conv_grads(x, weight, bias, stride, gemm=False)
+    got = conv_grads(x, weight, bias, stride, gemm=True)
+    for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def model_grads(model, x, labels):
+    model.zero_grad()
+    lengths, recon = model(x, labels)
+    cn.CapsuleLoss()(x, labels, lengths, recon).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_model_with_gemm_weight_gradient_trains_the_same(digit_batch):
+    """A CapsuleNet with gemm_weight_grad on gets the same gradients as with it off (fp32)."""
+    model = small_model(w_init_std=0.5).train()
+    x, labels = digit_batch
+    model.gemm_weight_grad = False
+    ref = model_grads(model, x, labels)
+    model.gemm_weight_grad = True
+    got = model_grads(model, x, labels)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gemm_weight_gradient_under_bf16_autocast(digit_batch):
+    """Under CPU bf16 autocast the GEMM path's PrimaryCaps weight gradient matches the standard
+    path to bf16 precision (relative error of the whole tensor below 2%)."""
+    model = small_model(w_init_std=0.5).train()
+    x, labels = digit_batch
+    grads = {}
+    for gemm in (False, True):
+        model.gemm_weight_grad = gemm
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            grads[gemm] = model_grads(model, x, labels)
+    for name in ("primary.weight", "primary.bias", "conv1.weight", "W"):
+        a, b = grads[True][name].float(), grads[False][name].float()
+        assert torch.isfinite(a).all(), name
+        assert (a - b).norm() <= 0.02 * b.norm(), name
+
+
+def test_place_model_turns_the_gemm_gradient_on_for_cpu_only():
+    """place_model sets gemm_weight_grad on the CPU when CPU_GEMM_WEIGHT_GRAD is on."""
+    cfg = dict(cn.default_config(), COMPILE=False)
+    assert cn.place_model(small_model(), cfg, torch.device("cpu")).gemm_weight_grad is True
+    cfg["CPU_GEMM_WEIGHT_GRAD"] = False
+    assert cn.place_model(small_model(), cfg, torch.device("cpu")).gemm_weight_grad is False
+
+
+def test_compiled_capsule_layer_equals_eager(digit_batch):
+    """use_compile(): v, c and the recorded routing-logit changes equal the eager ones."""
+    x, _ = digit_batch
+    eager, compiled = small_model(w_init_std=1.0), small_model(w_init_std=1.0)
+    compiled.use_compile()
+    for model in (eager, compiled):
+        model.record_routing = True
+        model.logit_changes = []
+    with torch.no_grad():
+        v0, c0 = eager.capsules(x)
+        v1, c1 = compiled.capsules(x)
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+    assert len(compiled.logit_changes) == 1 and compiled.logit_changes[0].shape == (3,)
+    torch.testing.assert_close(compiled.logit_changes[0], eager.logit_changes[0], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,236 @@
+"""Visdom: the live plots reach a real visdom.server; without a server (or when it goes away)
+training goes on with one warning line.
+
+The server needs visdom's JS/CSS assets offline; if it does not start, run once:
+    /work/shared/tools/visdom-offline-assets /work/main/.venv/bin/python
+"""
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import N_TEST, SCRIPT, describe, read_rows, run_script, train_args
+
+ENV = "testenv"
+pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accepts(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def start_server(env_path, log_path, timeout=60):
+    """python -m visdom.server on a free local port -> (process, port); fails the test if it does
+    not accept connections within `timeout` seconds."""
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "visdom.server", "-port", str(port), "-bind_local",
+                             "-env_path", str(env_path)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        if accepts(port):
+            return proc, port
+        time.sleep(0.25)
+    stop_server(proc)
+    log.close()
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        tail = f.read()[-2000:]
+    pytest.fail("visdom.server did not start (offline assets missing? run "
+                f"/work/shared/tools/visdom-offline-assets {sys.executable}):\n{tail}")
+
+
+def stop_server(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def visdom_server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("visdom")
+    proc, port = start_server(base / "env", base / "server.log")
+    yield port
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def logged_run(visdom_server, tiny_mnist, tmp_path_factory):
+    """A 2-epoch run that logs to the live server (second epoch appends to the line plots)."""
+    run_dir = str(tmp_path_factory.mktemp("visdom_run") / "run")
+    args = [a for a in train_args(tiny_mnist["root"], run_dir, epochs=2) if a != "--no-visdom"]
+    done = run_script(args + ["--visdom-server", "127.0.0.1", "--visdom-port", visdom_server,
+                              "--visdom-env", ENV])
+    assert done.returncode == 0, describe(done)
+    return {"dir": run_dir, "process": done, "port": visdom_server}
+
+
+_clients = {}
+
+
+def window(port, title):
+    """The JSON of window f"{ENV}_{title}" as the server holds it."""
+    import visdom
+
+    if port not in _clients:
+        _clients[port] = visdom.Visdom(server="http://127.0.0.1", port=port, use_incoming_socket=False,
+                                       raise_exceptions=True)
+    text = _clients[port].get_window_data(win=f"{ENV}_{title}", env=ENV)
+    assert text, f"no window {ENV}_{title!r} in env {ENV!r}"
+    return json.loads(text)
+
+
+def traces(win):
+    return {t["name"]: t for t in win["content"]["data"]}
+
+
+def visdom_warnings(stderr):
+    """Lines of stderr that warn about Visdom (tqdm's carriage returns split into lines)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if "warning" in line.lower() and "visdom" in line.lower()]
+
+
+def test_run_announces_the_plots_and_warns_about_nothing(logged_run):
+    """With a server the run prints the plots' URL and no Visdom warning or traceback."""
+    done = logged_run["process"]
+    assert f"http://127.0.0.1:{logged_run['port']}/env/{ENV}" in done.stdout
+    assert visdom_warnings(done.stderr) == [] and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("title, pairs", [
+    ("loss", {"train": "train_loss", "test": "test_loss"}),
+    ("accuracy", {"train": "train_accuracy", "test": "test_accuracy"}),
+    ("learning rate", {"lr": "lr"}),
+])
+def test_line_plots_hold_the_metrics(logged_run, title, pairs):
+    """loss / accuracy / learning-rate windows hold one point per epoch per series, equal to
+    metrics.jsonl (the second epoch appended to the series the first created)."""
+    rows = read_rows(logged_run["dir"])
+    win = window(logged_run["port"], title)
+    assert win["type"] == "plot" and win["title"] == title
+    series = traces(win)
+    assert set(series) == set(pairs)
+    for name, key in pairs.items():
+        assert series[name]["x"] == [1, 2], name
+        assert series[name]["y"] == pytest.approx([r[key] for r in rows], rel=1e-9), name
+
+
+def test_routing_plot_has_one_series_per_iteration(logged_run):
+    """The Appendix A window has series 'iteration 1..3' with the rows' routing_logit_change."""
+    rows = read_rows(logged_run["dir"])
+    series = traces(window(logged_run["port"], "routing logit change"))
+    assert set(series) == {"iteration 1", "iteration 2", "iteration 3"}
+    for k in range(3):
+        assert series[f"iteration {k + 1}"]["y"] == pytest.approx([r["routing_logit_change"][k] for r in rows])
+
+
+def test_confusion_heatmap_counts_the_test_set(logged_run):
+    """The test confusion matrix is a 10x10 heatmap of counts summing to the test set size,
+    rows the true classes, its diagonal the last epoch's correct predictions."""
+    win = window(logged_run["port"], "confusion matrix (test)")
+    data = win["content"]["data"][0]
+    assert data["type"] == "heatmap"
+    z = data["z"]
+    assert len(z) == 10 and all(len(row) == 10 for row in z)
+    assert sum(map(sum, z)) == N_TEST
+    assert [sum(row) for row in z] == [N_TEST // 10] * 10
+    last = read_rows(logged_run["dir"])[-1]
+    assert sum(z[k][k] for k in range(10)) == round(last["test_accuracy"] * N_TEST / 100)
+
+
+def png_of(win):
+    from PIL import Image
+
+    assert win["type"] == "image"
+    src = win["content"]["src"]
+    assert src.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+
+
+def test_reconstruction_image_shows_sixteen_test_images_over_their_reconstructions(logged_run):
+    """The image window is a PNG grid of 16 test images (top row) and reconstructions (bottom)."""
+    img = png_of(window(logged_run["port"], "test images (top) and reconstructions (bottom)"))
+    assert img.size == (16 * (28 + 2) + 2, 2 * (28 + 2) + 2)
+
+
+@pytest.mark.parametrize("title", [
+    "Fig. 4: each of the 16 dimensions perturbed by -0.25..0.25",
+    "reconstruction under every class mask (rows: digits, cols: masks)",
+    "couplings c_ij of one test image (per class: 32 types x 6x6)",
+])
+def test_capsule_figures_are_sent_every_epoch(logged_run, title):
+    """With VISUALIZE_EVERY_EPOCH the Fig. 4, class-mask and coupling images are in Visdom."""
+    img = png_of(window(logged_run["port"], title))
+    assert min(img.size) > 28
+
+
+def test_no_server_one_warning_and_training_goes_on(tiny_mnist, tmp_path):
+    """Visdom enabled but nothing listening: exit 0, exactly one warning line (about Visdom),
+    no traceback, and the epoch is trained and recorded."""
+    port = free_port()
+    assert not accepts(port)
+    run_dir = str(tmp_path / "run")
+    args = [a for a in train_args(tiny_mnist["root"], run_dir, epochs=1) if a != "--no-visdom"]
+    done = run_script(args + ["--visdom-server", "127.0.0.1", "--visdom-port", port])
+    assert done.returncode == 0, describe(done)
+    assert "Traceback" not in done.stderr
+    warnings = visdom_warnings(done.stderr)
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("warning: no Visdom server at") and f"127.0.0.1:{port}" in warnings[0]
+    assert [r["epoch"] for r in read_rows(run_dir)] == [1]
+
+
+def test_server_that_goes_away_mid_run_gives_one_warning(tiny_mnist, tmp_path):
+    """The server dies after the first epoch was logged: one 'stopped answering' warning, no
+    traceback, and the remaining epochs are trained."""
+    proc, port = start_server(tmp_path / "env", tmp_path / "server.log")
+    run_dir = str(tmp_path / "run")
+    args = [a for a in train_args(tiny_mnist["root"], run_dir, epochs=3) if a != "--no-visdom"]
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    trainer = subprocess.Popen([sys.executable, SCRIPT, *map(str, args), "--visdom-server", "127.0.0.1",
+                                "--visdom-port", str(port), "--visdom-env", ENV],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 240
+        while not (os.path.exists(metrics) and read_rows(run_dir)):
+            assert trainer.poll() is None and time.monotonic() < deadline, "no epoch finished"
+            time.sleep(0.01)
+        trainer.send_signal(signal.SIGSTOP)  # hold it while the server goes away
+        rows_at_kill = len(read_rows(run_dir))
+        stop_server(proc)
+        trainer.send_signal(signal.SIGCONT)
+        out, err = trainer.communicate(timeout=240)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        stop_server(proc)
+    assert rows_at_kill < 3, "the run finished before the server could be stopped"
+    assert trainer.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    warnings = visdom_warnings(err)
+    assert len(warnings) == 1 and warnings[0].startswith("warning: Visdom stopped answering"), warnings
+    assert [r["epoch"] for r in read_rows(run_dir)] == [1, 2, 3]

@@ -1,0 +1,135 @@
+"""Capsule visualisations (Fig. 4 perturbations, class masks, couplings), --visualize PNGs and
+--export-weights."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import N_TEST, SMALL_ARCH, cn, copy_run, describe, load_pt, run_script, small_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model(w_init_std=1.0)  # long capsules, so every decode differs visibly
+
+
+def test_perturbation_grid_shape_and_middle_step(model, digit_batch):
+    """perturbation_grid -> (N, 16, 11, 1, 28, 28); step 5 (delta 0) is the plain reconstruction
+    from the winning capsule."""
+    x, _ = digit_batch
+    grid = cn.perturbation_grid(model, x)
+    assert grid.shape == (8, 16, 11, 1, 28, 28)
+    with torch.no_grad():
+        v, _ = model.capsules(x)
+        plain = model.decode(v, v.norm(dim=-1).argmax(1))
+    for d in range(16):
+        torch.testing.assert_close(grid[:, d, 5], plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim, step", [(0, 0), (7, 2), (15, 10)])
+def test_perturbation_grid_moves_one_dimension_of_the_winner(model, digit_batch, dim, step):
+    """Entry (d, k) decodes the winning capsule with dimension d moved by -0.25 + 0.05 k."""
+    x, _ = digit_batch
+    grid = cn.perturbation_grid(model, x)
+    with torch.no_grad():
+        v, _ = model.capsules(x)
+        winner = v.norm(dim=-1).argmax(1)
+        moved = v.clone()
+        moved[torch.arange(8), winner, dim] += -0.25 + 0.05 * step
+        expected = model.decode(moved, winner)
+    torch.testing.assert_close(grid[:, dim, step], expected, rtol=1e-5, atol=1e-6)
+    assert (grid[:, dim, step] - grid[:, dim, 5]).abs().max() > 1e-4
+
+
+def test_class_mask_grid(model, digit_batch):
+    """class_mask_grid -> (N, 10, 1, 28, 28); column k is the reconstruction from capsule k."""
+    x, _ = digit_batch
+    grid = cn.class_mask_grid(model, x)
+    assert grid.shape == (8, 10, 1, 28, 28)
+    with torch.no_grad():
+        v, _ = model.capsules(x)
+        for k in range(10):
+            torch.testing.assert_close(grid[:, k], model.decode(v, torch.full((8,), k)), rtol=1e-5, atol=1e-6)
+
+
+def test_coupling_maps_full_size(full_model, digit_batch):
+    """coupling_maps -> (10, 32, 6, 6) for the paper's model; sums to 1 over the classes; entry
+    (j, t, r, c) is the coupling of primary capsule t*36 + r*6 + c to class j."""
+    x, _ = digit_batch
+    maps = cn.coupling_maps(full_model, x[:1])
+    assert maps.shape == (10, 32, 6, 6)
+    torch.testing.assert_close(maps.sum(0), torch.ones(32, 6, 6))
+    with torch.no_grad():
+        _, c = full_model.capsules(x[:1])
+    for j, t, r, col in [(0, 0, 0, 0), (3, 5, 2, 4), (9, 31, 5, 5), (6, 17, 0, 3)]:
+        assert maps[j, t, r, col] == c[0, t * 36 + r * 6 + col, j]
+
+
+def test_coupling_maps_small_architecture(model, digit_batch):
+    """coupling_maps follows the model's number of capsule types."""
+    maps = cn.coupling_maps(model, digit_batch[0][:1])
+    assert maps.shape == (10, 4, 6, 6)
+    torch.testing.assert_close(maps.sum(0), torch.ones(4, 6, 6))
+
+
+def test_one_per_class_picks_the_first_image_of_each_class():
+    """one_per_class returns the first image of every class present, in class order."""
+    labels = torch.tensor([3, 1, 3, 0, 1])
+    images = torch.arange(5).view(5, 1, 1).expand(5, 28, 28)
+    picked, picked_labels = cn.one_per_class(images, labels, 10)
+    assert picked_labels.tolist() == [0, 1, 3]
+    assert picked[:, 0, 0].tolist() == [3, 1, 0]
+
+
+def assert_png(path):
+    from PIL import Image
+
+    assert os.path.getsize(path) > 500, path
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) >= 30, (path, img.size)
+        lo, hi = img.convert("L").getextrema()
+        assert hi > lo, f"{path} is a single flat colour"
+        return img.size
+
+
+def test_visualize_writes_the_figures(trained_run, tmp_path):
+    """--visualize --resume last.pt writes fig4_digit{k}.png for every class in the test set,
+    class_masks.png, couplings.png, curves.png and routing_logit_change.png, all valid PNGs."""
+    run = copy_run(trained_run["dir"], tmp_path / "vis")
+    done = run_script(["--visualize", "--resume", os.path.join(run, "last.pt")])
+    assert done.returncode == 0, describe(done)
+    names = [f"fig4_digit{k}.png" for k in range(10)] + ["class_masks.png", "couplings.png", "curves.png",
+                                                         "routing_logit_change.png"]
+    for name in names:
+        assert name in done.stdout, name
+        size = assert_png(os.path.join(run, name))
+        if name.startswith("fig4"):
+            assert size == (11 * 29 + 1, 16 * 29 + 1)  # 11 steps across, 16 dimensions down
+
+
+def test_export_weights_fp16_and_evaluate_them(trained_run, tmp_path):
+    """--export-weights writes the model's tensors alone in fp16; --eval-only accepts that file
+    (with the architecture flags, since it carries no config) and writes eval.json."""
+    out = tmp_path / "weights.pt"
+    last = os.path.join(trained_run["dir"], "last.pt")
+    done = run_script(["--export-weights", out, "--resume", last])
+    assert done.returncode == 0, describe(done)
+    weights, ckpt = load_pt(out), load_pt(last)
+    assert weights.keys() == ckpt["model"].keys()
+    for name, tensor in weights.items():
+        assert tensor.dtype == torch.float16, name
+        torch.testing.assert_close(tensor, ckpt["model"][name].half(), rtol=0, atol=0)
+
+    eval_dir = tmp_path / "eval"
+    done = run_script(["--eval-only", "--resume", out, "--data-dir", trained_run["data"]["root"],
+                       "--run-dir", eval_dir, "--no-visdom", *SMALL_ARCH])
+    assert done.returncode == 0, describe(done)
+    import json
+
+    with open(eval_dir / "eval.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert 0 <= result["test_accuracy"] <= 100 and result["test_loss"] > 0
+    assert result["test_images"] == N_TEST and result["checkpoint_epoch"] is None
