@@ -22,7 +22,9 @@ import math
 import os
 import re
 import resource
+import signal
 import socket
+import threading
 import subprocess
 import sys
 import time
@@ -251,6 +253,23 @@ def atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C until the block ends, so an epoch's metrics row and checkpoints are written
+    together or not at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -259,7 +278,7 @@ def sync(device):
 
 
 # ---- model ----
-def squash(s, dim=-1, eps=1e-8):
+def squash(s, dim=-1, eps=1e-12):
     """Eq. 1: v = ||s||^2 / (1 + ||s||^2) * s / ||s||, written as s * ||s|| / (1 + ||s||^2).
     eps inside the root keeps the value and the gradient finite at s = 0."""
     sq_norm = (s * s).sum(dim=dim, keepdim=True)
@@ -497,7 +516,8 @@ def load_mnist(data_dir, train, limit=0):
         if len(labels) and (labels.min() < 0 or labels.max() > 9):
             raise ValueError("labels outside 0..9")
     except Exception as e:  # torchvision raises many types here; all mean "no usable MNIST"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"  # e.g. which file, and why
         raise UsageError(f"cannot load MNIST from {raw} (expected {', '.join(MNIST_FILES)}, or .gz of them, "
                          f"or a network connection to download them): {type(e).__name__}: {reason}") from None
     if limit:
@@ -612,10 +632,21 @@ class PassStats:
 
 # ---- Visdom ----
 def visdom_reachable(server, port, timeout=1.0):
+    """True if a Visdom server answers at server:port (checked once, quietly)."""
     try:
         with socket.create_connection((server, port), timeout=timeout):
-            return True
+            pass
     except OSError:
+        return False
+    import visdom
+
+    logging.getLogger("visdom").setLevel(logging.CRITICAL)  # its client logs every retry
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            client = visdom.Visdom(server=f"http://{server}", port=port, use_incoming_socket=False,
+                                   raise_exceptions=True)
+            return bool(client.check_connection())
+    except Exception:  # something answers on that port, but not Visdom
         return False
 
 
@@ -629,10 +660,9 @@ class VisdomPlots:
             return
         server, port, env = cfg["VISDOM_SERVER"], cfg["VISDOM_PORT"], cfg["VISDOM_ENV"]
         if not visdom_reachable(server, port):
-            print(f"warning: no Visdom server at {server}:{port}; training without live plots "
+            print(f"warning: no Visdom server answers at {server}:{port}; training without live plots "
                   f"(start one with: python -m visdom.server -port {port})", file=sys.stderr)
             return
-        logging.getLogger("visdom").setLevel(logging.CRITICAL)  # its socket thread is chatty
         from torchnet.logger import VisdomLogger, VisdomPlotLogger
 
         def plot(title, ylabel):
@@ -861,8 +891,14 @@ def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash or a full disk
+                continue
+    return rows
 
 
 # ---- checkpoints ----
@@ -895,7 +931,7 @@ class Trainer:
     """torchnet Engine with named hooks: a train pass per epoch, then a test pass, logs, checkpoint."""
 
     def __init__(self, cfg, device, model, optimizer, scheduler, train_data, test_data, start_epoch=0,
-                 best_accuracy=0.0):
+                 best_accuracy=None):
         from torchnet import meter
         from torchnet.engine import Engine
 
@@ -998,14 +1034,18 @@ class Trainer:
         print(f"epoch {epoch}/{state['maxepoch']}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f} "
               f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2f}%  "
               f"({row['train_seconds']:.1f}s + {row['test_seconds']:.1f}s)", flush=True)
-        is_best = row["test_accuracy"] > self.best_accuracy
-        self.best_accuracy = max(self.best_accuracy, row["test_accuracy"])
-        ckpt = self.checkpoint(epoch)
-        atomic_torch_save(ckpt, os.path.join(self.run_dir, "last.pt"))
+        is_best = self.best_accuracy is None or row["test_accuracy"] > self.best_accuracy
         if is_best:
-            atomic_torch_save(ckpt, os.path.join(self.run_dir, "best.pt"))
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            self.best_accuracy = row["test_accuracy"]
+        # The row first: a run killed (kill -9) before its checkpoint resumes from the previous
+        # epoch and drops this row again (truncate_metrics), so metrics and checkpoints agree.
+        with sigint_deferred():
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            ckpt = self.checkpoint(epoch)
+            atomic_torch_save(ckpt, os.path.join(self.run_dir, "last.pt"))
+            if is_best:
+                atomic_torch_save(ckpt, os.path.join(self.run_dir, "best.pt"))
         if self.visdom.enabled:
             self.log_visdom(epoch, row)
 
@@ -1034,14 +1074,15 @@ class Trainer:
 
 
 def truncate_metrics(run_dir, last_epoch):
-    """Drop metrics rows past the checkpoint's epoch (a run killed after writing them)."""
-    rows = read_metrics(run_dir)
-    kept = [r for r in rows if r["epoch"] <= last_epoch]
-    if len(kept) != len(rows):
-        path = os.path.join(run_dir, "metrics.jsonl")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
+    """Rewrite metrics.jsonl with the rows up to the checkpoint's epoch: drops rows of an epoch
+    whose checkpoint was never written and a last line cut short by a crash."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("epoch", math.inf) <= last_epoch]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
 
 
 def prepare(cfg):
@@ -1066,15 +1107,33 @@ def place_model(model, cfg, device):
     return model
 
 
+def fresh_run_dir(run_dir):
+    """run_dir, or run_dir-2, -3, ... if it already holds a run: a new run never overwrites or
+    mixes with an earlier one (continue that one with --resume)."""
+    def holds_run(d):
+        return any(os.path.exists(os.path.join(d, f)) for f in ("metrics.jsonl", "last.pt", "best.pt"))
+
+    candidate, k = run_dir, 1
+    while holds_run(candidate):
+        k += 1
+        candidate = f"{run_dir.rstrip(os.sep)}-{k}"
+    if candidate != run_dir:
+        print(f"{run_dir} holds an earlier run (continue it with --resume {os.path.join(run_dir, 'last.pt')}); "
+              f"this run writes to {candidate}")
+    return candidate
+
+
 def run_training(cfg, ckpt):
     device, _ = prepare(cfg)
+    if ckpt is None:
+        cfg["RUN_DIR"] = fresh_run_dir(cfg["RUN_DIR"])
     os.makedirs(cfg["RUN_DIR"], exist_ok=True)
     train_data = [t.to(device) for t in load_mnist(cfg["DATA_DIR"], True, cfg["TRAIN_SIZE"])]
     test_data = [t.to(device) for t in load_mnist(cfg["DATA_DIR"], False, cfg["TEST_SIZE"])]
     model = place_model(build_model(cfg), cfg, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["LR"])
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg["LR_DECAY"])
-    start_epoch, best = 0, 0.0
+    start_epoch, best = 0, None
     if ckpt is not None:
         load_weights(model, ckpt["model"])
         if "optimizer" not in ckpt:
@@ -1085,7 +1144,7 @@ def run_training(cfg, ckpt):
         start_epoch, best = ckpt["epoch"], ckpt["best_accuracy"]
         set_rng_state(ckpt["rng_state"])
         truncate_metrics(cfg["RUN_DIR"], start_epoch)
-        print(f"resumed from epoch {start_epoch} (best test accuracy so far {best:.2f}%)")
+        print(f"resumed from epoch {start_epoch} (best test accuracy so far {best:.2f}%) in {cfg['RUN_DIR']}")
     dtype = amp_dtype(device, cfg["AMP"])
     print(f"CapsNet: {sum(p.numel() for p in model.parameters()):,} parameters on {device}"
           f" ({'bf16 autocast' if dtype else 'fp32'}), {len(train_data[1]):,} training and "
@@ -1160,9 +1219,16 @@ def run_visualize(cfg, ckpt):
     return written
 
 
-def export_weights(ckpt, path):
+MODEL_KEYS = ("CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
+              "ROUTING_ITERATIONS", "W_INIT_STD", "DECODER_HIDDEN1", "DECODER_HIDDEN2", "M_PLUS", "M_MINUS",
+              "LAMBDA_ABSENT", "RECON_WEIGHT")  # what an exported model carries: its shape and loss
+
+
+def export_weights(ckpt, cfg, path):
+    """The model weights alone, in fp16, with the constants that define the model (no paths)."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    atomic_torch_save(state, path)
+    atomic_torch_save({"model": state, "config": {k: cfg[k] for k in MODEL_KEYS}, "epoch": ckpt.get("epoch")},
+                      path)
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, fp16 weights)")
 
 
@@ -1351,8 +1417,9 @@ def make_config(args, ckpt):
     cfg = default_config()
     explicit = {name: getattr(args, name) for name in cfg if getattr(args, name) is not None}
     if ckpt is not None and "config" in ckpt:
-        cfg.update({k: v for k, v in ckpt["config"].items() if k in cfg})
-        if "RUN_DIR" not in explicit:
+        training = "optimizer" in ckpt  # a training checkpoint, not exported weights
+        cfg.update({k: v for k, v in ckpt["config"].items() if k in cfg and (training or k in MODEL_KEYS)})
+        if training and "RUN_DIR" not in explicit:  # a training run continues in its own folder
             cfg["RUN_DIR"] = os.path.dirname(os.path.abspath(args.resume))
     cfg.update(explicit)
     validate_config(cfg)
@@ -1373,7 +1440,7 @@ def main(argv=None):
         elif args.benchmark:
             run_benchmark(cfg, args.benchmark_json)
         elif args.export_weights:
-            export_weights(ckpt, args.export_weights)
+            export_weights(ckpt, cfg, args.export_weights)
         elif args.eval_only:
             run_eval(cfg, ckpt)
         elif args.visualize:

@@ -88,18 +88,29 @@ def test_flags_parse_to_the_right_types():
 
 
 def test_checkpoint_config_then_flags(tmp_path):
-    """When resuming: the checkpoint's config replaces the constants, flags given now replace both,
-    and the run dir defaults to the checkpoint's directory."""
+    """When resuming a training checkpoint: its config replaces the constants, flags given now
+    replace both, and the run dir defaults to the checkpoint's directory."""
     parser = cn.build_parser()
     resume = str(tmp_path / "old" / "last.pt")
-    ckpt = {"model": {}, "config": dict(cn.default_config(), EPOCHS=3, CONV1_CHANNELS=16, RUN_DIR="/elsewhere",
-                                        NOT_A_CONSTANT=1)}
+    ckpt = {"model": {}, "optimizer": {}, "config": dict(cn.default_config(), EPOCHS=3, CONV1_CHANNELS=16,
+                                                         RUN_DIR="/elsewhere", NOT_A_CONSTANT=1)}
     cfg = cn.make_config(parser.parse_args(["--resume", resume, "--epochs", "9"]), ckpt)
     assert cfg["EPOCHS"] == 9 and cfg["CONV1_CHANNELS"] == 16
     assert cfg["RUN_DIR"] == str(tmp_path / "old")
     assert "NOT_A_CONSTANT" not in cfg
     cfg = cn.make_config(parser.parse_args(["--resume", resume, "--run-dir", "/chosen"]), ckpt)
     assert cfg["RUN_DIR"] == "/chosen" and cfg["EPOCHS"] == 3
+
+
+def test_exported_weights_bring_only_the_model_constants(tmp_path):
+    """Weights without an optimizer (an --export-weights file) restore the constants that define
+    the model, but not paths, epochs or the run dir of the machine that trained them."""
+    parser = cn.build_parser()
+    ckpt = {"model": {}, "config": dict(cn.default_config(), CONV1_CHANNELS=16, ROUTING_ITERATIONS=2,
+                                        DATA_DIR="/gpu/data", RUN_DIR="/gpu/run", EPOCHS=7)}
+    cfg = cn.make_config(parser.parse_args(["--resume", str(tmp_path / "w.pt"), "--eval-only"]), ckpt)
+    assert cfg["CONV1_CHANNELS"] == 16 and cfg["ROUTING_ITERATIONS"] == 2
+    assert (cfg["DATA_DIR"], cfg["RUN_DIR"], cfg["EPOCHS"]) == (cn.DATA_DIR, cn.RUN_DIR, cn.EPOCHS)
 
 
 @pytest.mark.parametrize("name", ["DATA_DIR", "RUN_DIR", "SEED", "EPOCHS", "LR", "VISDOM_PORT"])

@@ -100,3 +100,32 @@ def test_gradients_flow_through_routing():
     v, _ = cn.dynamic_routing(u, 3)
     v.norm(dim=-1).sum().backward()
     assert torch.isfinite(u.grad).all() and u.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+@pytest.mark.parametrize("record", [False, True])
+def test_capsule_layer_equals_routing_on_u_hat(iterations, record):
+    """capsule_layer(W, u) (the factored DigitCaps the model runs) gives the same v, c, recorded
+    logit changes and gradients as dynamic_routing on u_hat_j|i = W_ij u_i."""
+    g = torch.Generator().manual_seed(iterations)
+    J, I, E, D, B = 10, 4 * 36, 16, 8, 3
+    W = (0.3 * torch.randn(J, I, E, D, generator=g, dtype=torch.float64)).requires_grad_(True)
+    u = cn.squash(torch.randn(B, I, D, generator=g, dtype=torch.float64)).requires_grad_(True)
+
+    v, c, changes = cn.capsule_layer(W, u, iterations, record)
+    ref_changes = [] if record else None
+    u_hat = torch.einsum("jied,bid->bije", W, u)  # (B, I, J, E)
+    v_ref, c_ref = cn.dynamic_routing(u_hat, iterations, ref_changes)
+    assert v.shape == (B, J, E) and c.shape == (B, I, J)
+    torch.testing.assert_close(v, v_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(c, c_ref, rtol=1e-9, atol=1e-12)
+    if record:
+        assert changes.shape == (iterations,)
+        torch.testing.assert_close(changes, torch.stack(ref_changes), rtol=1e-9, atol=1e-12)
+    else:
+        assert changes is None
+
+    grads = torch.autograd.grad(v.norm(dim=-1).sum(), (W, u))
+    ref_grads = torch.autograd.grad(v_ref.norm(dim=-1).sum(), (W, u))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)

@@ -199,7 +199,7 @@ def test_no_server_one_warning_and_training_goes_on(tiny_mnist, tmp_path):
     assert "Traceback" not in done.stderr
     warnings = visdom_warnings(done.stderr)
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("warning: no Visdom server at") and f"127.0.0.1:{port}" in warnings[0]
+    assert warnings[0].startswith("warning: no Visdom server answers at") and f"127.0.0.1:{port}" in warnings[0]
     assert [r["epoch"] for r in read_rows(run_dir)] == [1]
 
 

@@ -111,13 +111,16 @@ def test_visualize_writes_the_figures(trained_run, tmp_path):
 
 
 def test_export_weights_fp16_and_evaluate_them(trained_run, tmp_path):
-    """--export-weights writes the model's tensors alone in fp16; --eval-only accepts that file
-    (with the architecture flags, since it carries no config) and writes eval.json."""
+    """--export-weights writes the model's tensors alone in fp16 with the model's constants (no
+    optimizer); --eval-only accepts that file without the architecture flags and writes eval.json."""
     out = tmp_path / "weights.pt"
     last = os.path.join(trained_run["dir"], "last.pt")
     done = run_script(["--export-weights", out, "--resume", last])
     assert done.returncode == 0, describe(done)
-    weights, ckpt = load_pt(out), load_pt(last)
+    exported, ckpt = load_pt(out), load_pt(last)
+    assert "optimizer" not in exported and exported["epoch"] == ckpt["epoch"]
+    assert exported["config"] == {k: ckpt["config"][k] for k in cn.MODEL_KEYS}
+    weights = exported["model"]
     assert weights.keys() == ckpt["model"].keys()
     for name, tensor in weights.items():
         assert tensor.dtype == torch.float16, name
@@ -125,11 +128,11 @@ def test_export_weights_fp16_and_evaluate_them(trained_run, tmp_path):
 
     eval_dir = tmp_path / "eval"
     done = run_script(["--eval-only", "--resume", out, "--data-dir", trained_run["data"]["root"],
-                       "--run-dir", eval_dir, "--no-visdom", *SMALL_ARCH])
+                       "--run-dir", eval_dir, "--no-visdom"])
     assert done.returncode == 0, describe(done)
     import json
 
     with open(eval_dir / "eval.json", encoding="utf-8") as f:
         result = json.load(f)
     assert 0 <= result["test_accuracy"] <= 100 and result["test_loss"] > 0
-    assert result["test_images"] == N_TEST and result["checkpoint_epoch"] is None
+    assert result["test_images"] == N_TEST and result["checkpoint_epoch"] == exported["epoch"]
