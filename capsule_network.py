@@ -40,7 +40,7 @@ DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda or mps
 SEED = 0  # seeds torch's generators; all randomness comes from torch
 EPOCHS = 50  # total training epochs (a resumed run continues up to this number)
 BATCH_SIZE = 100  # training batch size (the paper does not give one; 100 is the common choice)
-EVAL_BATCH_SIZE = 500  # test batch size (no gradients, so larger batches are cheaper)
+EVAL_BATCH_SIZE = 100  # test batch size (on the 2-core CPU, 100 evaluated faster than 250 or 500)
 LR = 1e-3  # Adam learning rate (paper: TensorFlow's Adam defaults)
 LR_DECAY = 0.96  # exponential decay of the learning rate per epoch (see lr_decay_note below)
 TRAIN_SIZE = 0  # use the first N training images; 0 = all 60,000
@@ -72,9 +72,9 @@ VISDOM = True  # log to a Visdom server (training goes on without one)
 VISDOM_SERVER = "localhost"  # Visdom host name (torchnet adds http://)
 VISDOM_PORT = 8097  # Visdom port
 VISDOM_ENV = "capsnet"  # Visdom environment the plots go to
-BENCHMARK_STEPS = 10  # timed steps per measurement in --benchmark
+BENCHMARK_STEPS = 15  # timed steps per measurement in --benchmark (the median step is reported)
 BENCHMARK_WARMUP = 3  # untimed warm-up steps in --benchmark
-BENCHMARK_BASELINE = True  # --benchmark also times the gram-ai-structured baseline (subprocess)
+BENCHMARK_BASELINE = True  # --benchmark also times direct fp32 use and the gram-ai-structured baseline
 # ---- end of constants ----
 
 # lr_decay_note: the paper only says "exponentially decaying learning rate". The authors'
@@ -173,7 +173,7 @@ def build_parser():
     parser.add_argument("--benchmark-json", metavar="PATH", help="with --benchmark: also write the results as JSON")
     parser.add_argument("--export-weights", metavar="PATH",
                         help="with --resume: write the model weights alone, in fp16, to PATH")
-    parser.add_argument("--benchmark-baseline-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--benchmark-worker", choices=("baseline", "direct"), help=argparse.SUPPRESS)
     return parser
 
 
@@ -400,7 +400,8 @@ class CapsuleNet(nn.Module):
     def __init__(self, conv1_channels=CONV1_CHANNELS, primary_caps=PRIMARY_CAPS, primary_dim=PRIMARY_DIM,
                  digit_dim=DIGIT_DIM, num_classes=NUM_CLASSES, kernel_size=KERNEL_SIZE,
                  routing_iterations=ROUTING_ITERATIONS, w_init_std=W_INIT_STD,
-                 decoder_hidden=(DECODER_HIDDEN1, DECODER_HIDDEN2), image_size=28):
+                 decoder_hidden=(DECODER_HIDDEN1, DECODER_HIDDEN2), image_size=28,
+                 gemm_weight_grad=CPU_GEMM_WEIGHT_GRAD):
         super().__init__()
         self.primary_caps, self.primary_dim = primary_caps, primary_dim
         self.num_classes, self.digit_dim = num_classes, digit_dim
@@ -422,7 +423,7 @@ class CapsuleNet(nn.Module):
         self.record_routing = False  # when True, capsules() appends Appendix A's logit changes
         self.logit_changes = []
         self.capsule_layer = capsule_layer  # replaced by a compiled version by use_compile()
-        self.gemm_weight_grad = False  # set by place_model() on CPUs (CPU_GEMM_WEIGHT_GRAD)
+        self.gemm_weight_grad = gemm_weight_grad  # on CPU tensors only (StridedConvGemmGrad)
 
     def use_compile(self):
         """torch.compile the capsule part only: it fuses the memory-bound routing ops, while the
@@ -432,7 +433,8 @@ class CapsuleNet(nn.Module):
     def primary_capsules(self, images):
         """images (B, 1, H, W) -> squashed primary capsules (B, I=1152, D=8)."""
         x = F.relu(self.conv1(images), inplace=True)  # (B, 256, 20, 20)
-        if self.gemm_weight_grad and torch.is_grad_enabled() and self.primary.weight.requires_grad:
+        if (self.gemm_weight_grad and x.device.type == "cpu" and torch.is_grad_enabled()
+                and self.primary.weight.requires_grad):
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             x = StridedConvGemmGrad.apply(x.to(dtype), self.primary.weight.to(dtype), self.primary.bias.to(dtype),
                                           self.primary.stride[0])  # (B, 32*8, 6, 6)
@@ -1103,7 +1105,7 @@ def place_model(model, cfg, device):
         model = model.to(memory_format=torch.channels_last)
     if cfg["COMPILE"]:
         model.use_compile()
-    model.gemm_weight_grad = device.type == "cpu" and cfg["CPU_GEMM_WEIGHT_GRAD"]
+    model.gemm_weight_grad = cfg["CPU_GEMM_WEIGHT_GRAD"]
     return model
 
 
@@ -1279,20 +1281,23 @@ def gram_style_loss(images, labels, classes, recon):
 
 
 def time_steps(step, steps, warmup, device):
+    """Median seconds of one step: robust to the other programs of a shared machine."""
     for _ in range(warmup):
         step()
     sync(device)
-    started = time.perf_counter()
+    times = []
     for _ in range(steps):
+        started = time.perf_counter()
         step()
-    sync(device)
-    return time.perf_counter() - started
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
 
 
-def synthetic_batch(cfg, device):
-    g = torch.Generator().manual_seed(cfg["SEED"])
-    images = torch.randint(0, 256, (cfg["BATCH_SIZE"], 28, 28), dtype=torch.uint8, generator=g).to(device)
-    labels = torch.randint(0, 10, (cfg["BATCH_SIZE"],), generator=g).to(device)
+def synthetic_batch(batch_size, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, 28, 28), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, 10, (batch_size,), generator=g).to(device)
     return images, labels
 
 
@@ -1302,41 +1307,50 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def benchmark_baseline_worker(cfg):
-    """Runs in its own process, with the default environment: the gram-ai-structured model, fp32."""
+def benchmark_worker(cfg, kind):
+    """Runs in its own process, with the default environment, fp32 and no trainer settings:
+    kind 'baseline' is the gram-ai-structured model, kind 'direct' is CapsuleNet + CapsuleLoss +
+    Adam called directly, as a user's own script would."""
     device = resolve_device(cfg["DEVICE"])
     seed_everything(cfg["SEED"])
-    model = GramStyleCapsNet().to(device)
+    if kind == "baseline":
+        model, loss_fn = GramStyleCapsNet().to(device), gram_style_loss
+    else:
+        model, loss_fn = CapsuleNet().to(device), CapsuleLoss()
     optimizer = torch.optim.Adam(model.parameters())
-    images_u8, labels = synthetic_batch(cfg, device)
+    images_u8, labels = synthetic_batch(cfg["BATCH_SIZE"], cfg["SEED"], device)
     images = to_float_images(images_u8)
+    eval_images = to_float_images(synthetic_batch(cfg["EVAL_BATCH_SIZE"], cfg["SEED"], device)[0])
 
     def train_step():
         optimizer.zero_grad()
         classes, recon = model(images, labels)
-        gram_style_loss(images, labels, classes, recon).backward()
+        loss_fn(images, labels, classes, recon).backward()
         optimizer.step()
 
     def eval_step():
         with torch.no_grad():
-            model(images)
+            model(eval_images)
 
-    n = cfg["BATCH_SIZE"] * cfg["BENCHMARK_STEPS"]
+    model.train()
     train_s = time_steps(train_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
+    model.eval()
     eval_s = time_steps(eval_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
-    print(json.dumps({"train_images_per_s": n / train_s, "eval_images_per_s": n / eval_s,
+    print(json.dumps({"train_images_per_s": cfg["BATCH_SIZE"] / train_s,
+                      "eval_images_per_s": cfg["EVAL_BATCH_SIZE"] / eval_s,
                       "peak_memory_mib": peak_memory_mib(device)}))
 
 
-def run_baseline_subprocess(cfg):
-    """Time the baseline in a fresh process with the default environment (no allocator settings)."""
-    args = [sys.executable, os.path.abspath(__file__), "--benchmark-baseline-worker",
-            "--device", cfg["DEVICE"], "--batch-size", str(cfg["BATCH_SIZE"]), "--seed", str(cfg["SEED"]),
+def run_worker_subprocess(cfg, kind):
+    """Time `kind` in a fresh process with the default environment (no allocator settings)."""
+    args = [sys.executable, os.path.abspath(__file__), "--benchmark-worker", kind,
+            "--device", cfg["DEVICE"], "--batch-size", str(cfg["BATCH_SIZE"]),
+            "--eval-batch-size", str(cfg["EVAL_BATCH_SIZE"]), "--seed", str(cfg["SEED"]),
             "--benchmark-steps", str(cfg["BENCHMARK_STEPS"]), "--benchmark-warmup", str(cfg["BENCHMARK_WARMUP"])]
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"warning: baseline benchmark failed: {tail}", file=sys.stderr)
+        print(f"warning: {kind} benchmark failed: {tail}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -1347,7 +1361,8 @@ def run_benchmark(cfg, json_path=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["LR"])
     dtype = amp_dtype(device, cfg["AMP"])
     network = Stepper(model, build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"])
-    batch = synthetic_batch(cfg, device)
+    batch = synthetic_batch(cfg["BATCH_SIZE"], cfg["SEED"], device)
+    eval_batch = synthetic_batch(cfg["EVAL_BATCH_SIZE"], cfg["SEED"], device)
 
     def train_step():  # exactly what torchnet's Engine does per training batch
         optimizer.zero_grad()
@@ -1355,19 +1370,19 @@ def run_benchmark(cfg, json_path=None):
         loss.backward()
         optimizer.step()
 
-    def eval_step():
+    def eval_step():  # what the test pass does per batch
         with torch.no_grad():
-            network(batch)
+            network(eval_batch)
 
-    n = cfg["BATCH_SIZE"] * cfg["BENCHMARK_STEPS"]
     model.train()
     train_s = time_steps(train_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
     model.eval()
     eval_s = time_steps(eval_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
-    train_ips, eval_ips = n / train_s, n / eval_s
+    train_ips, eval_ips = cfg["BATCH_SIZE"] / train_s, cfg["EVAL_BATCH_SIZE"] / eval_s
     result = {
         "device": str(device), "device_name": device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
-        "batch_size": cfg["BATCH_SIZE"], "steps": cfg["BENCHMARK_STEPS"], "warmup": cfg["BENCHMARK_WARMUP"],
+        "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
+        "steps": cfg["BENCHMARK_STEPS"], "warmup": cfg["BENCHMARK_WARMUP"], "statistic": "median step",
         "train_images_per_s": round(train_ips, 1), "eval_images_per_s": round(eval_ips, 1),
         "seconds_per_mnist_epoch": round(60000 / train_ips + 10000 / eval_ips, 1),
         "peak_memory_mib": round(peak_memory_mib(device), 1),
@@ -1376,14 +1391,20 @@ def run_benchmark(cfg, json_path=None):
                      "cudnn_benchmark": device.type == "cuda", "tf32": device.type == "cuda"},
         "torch": torch.__version__,
     }
-    print(f"device {result['device_name']}, {result['dtype']}, batch {cfg['BATCH_SIZE']}, "
-          f"{cfg['BENCHMARK_STEPS']} timed steps after {cfg['BENCHMARK_WARMUP']} warm-up")
+    print(f"device {result['device_name']}, {result['dtype']}, batch {cfg['BATCH_SIZE']} (eval "
+          f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} warm-up")
     print(f"settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items()))
     print(f"this model:  train {train_ips:8.1f} images/s   eval {eval_ips:8.1f} images/s   "
           f"~{result['seconds_per_mnist_epoch']:.1f} s per MNIST epoch (60k train + 10k test), "
           f"peak memory {result['peak_memory_mib']:.0f} MiB")
     if cfg["BENCHMARK_BASELINE"]:
-        base = run_baseline_subprocess(cfg)
+        direct = run_worker_subprocess(cfg, "direct")
+        if direct:
+            result.update(direct_fp32_train_images_per_s=round(direct["train_images_per_s"], 1),
+                          direct_fp32_eval_images_per_s=round(direct["eval_images_per_s"], 1))
+            print(f"direct fp32: train {direct['train_images_per_s']:8.1f} images/s   eval "
+                  f"{direct['eval_images_per_s']:8.1f} images/s   (CapsuleNet + CapsuleLoss + Adam, own process)")
+        base = run_worker_subprocess(cfg, "baseline")
         if base:
             result.update(baseline_train_images_per_s=round(base["train_images_per_s"], 1),
                           baseline_eval_images_per_s=round(base["eval_images_per_s"], 1),
@@ -1391,7 +1412,13 @@ def run_benchmark(cfg, json_path=None):
                           eval_speedup=round(eval_ips / base["eval_images_per_s"], 2))
             print(f"baseline:    train {base['train_images_per_s']:8.1f} images/s   eval "
                   f"{base['eval_images_per_s']:8.1f} images/s   (gram-ai-structured, fp32, own process)")
-            print(f"speed-up:    train {result['train_speedup']:.2f}x   eval {result['eval_speedup']:.2f}x")
+            print(f"speed-up:    train {result['train_speedup']:.2f}x   eval {result['eval_speedup']:.2f}x   "
+                  f"(this model / baseline)")
+            if direct:
+                result.update(direct_train_speedup=round(direct["train_images_per_s"] / base["train_images_per_s"], 2),
+                              direct_eval_speedup=round(direct["eval_images_per_s"] / base["eval_images_per_s"], 2))
+                print(f"             train {result['direct_train_speedup']:.2f}x   eval "
+                      f"{result['direct_eval_speedup']:.2f}x   (direct fp32 / baseline)")
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
@@ -1435,8 +1462,8 @@ def main(argv=None):
                 raise UsageError(f"--{flag.replace('_', '-')} needs --resume PATH")
         ckpt = load_checkpoint(args.resume) if args.resume else None
         cfg = make_config(args, ckpt)
-        if args.benchmark_baseline_worker:
-            benchmark_baseline_worker(cfg)
+        if args.benchmark_worker:
+            benchmark_worker(cfg, args.benchmark_worker)
         elif args.benchmark:
             run_benchmark(cfg, args.benchmark_json)
         elif args.export_weights:

@@ -53,7 +53,7 @@ def test_help_lists_every_constant_with_its_default():
         assert re.search(rf"(^|[\s\[,]){re.escape(flag)}\b", text), flag
     for flag in ("--resume", "--eval-only", "--visualize", "--benchmark", "--benchmark-json", "--export-weights"):
         assert flag in blocks, flag
-    assert "--benchmark-baseline-worker" not in text  # internal
+    assert "--benchmark-worker" not in text  # internal
 
 
 def test_every_constant_in_the_block_is_a_flag():
