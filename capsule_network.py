@@ -669,7 +669,7 @@ class VisdomPlots:
 
         def plot(title, ylabel):
             return VisdomPlotLogger("line", env=env, port=port, server=server, win=f"{env}_{title}",
-                                    opts=dict(title=title, xlabel="epoch", ylabel=ylabel))
+                                    opts=dict(title=title, xlabel="epoch", ylabel=ylabel, markers=True, markersize=6))
 
         def window(kind, title, **opts):
             return VisdomLogger(kind, env=env, port=port, server=server, win=f"{env}_{title}",
@@ -687,7 +687,8 @@ class VisdomPlots:
                 self.recon = window("image", "test images (top) and reconstructions (bottom)")
                 self.fig4 = window("image", "Fig. 4: each of the 16 dimensions perturbed by -0.25..0.25")
                 self.masks = window("image", "reconstruction under every class mask (rows: digits, cols: masks)")
-                self.couplings = window("image", "couplings c_ij of one test image (per class: 32 types x 6x6)")
+                self.couplings = window("image", "couplings c_ij of one test image (per class: 32 types x 6x6; "
+                                                 "min black, max white)")
             self.loggers = [self.loss, self.accuracy, self.lr, self.routing, self.confusion, self.recon,
                             self.fig4, self.masks, self.couplings]
             for lg in self.loggers:
@@ -792,7 +793,7 @@ def visual_figures(model, images_u8, labels, num_classes):
                  for p in pert]
     masks = class_mask_grid(model, x)  # (K, J, 1, 28, 28)
     maps = coupling_maps(model, x[:1]).float().cpu()  # (J, T, 6, 6)
-    scaled = maps / maps.max()  # brightest coupling -> white; the figure's title says so
+    scaled = (maps - maps.min()) / (maps.max() - maps.min()).clamp_min(1e-12)  # smallest black, largest white
     panels = [make_grid(F.interpolate(m.unsqueeze(1), scale_factor=4, mode="nearest"), nrow=8, padding=1,
                         pad_value=0.3) for m in scaled]
     model.train(was_training)
@@ -807,29 +808,27 @@ def visual_figures(model, images_u8, labels, num_classes):
 
 
 def plot_curves_png(rows, path):
-    """Test accuracy and losses per epoch from metrics.jsonl rows, drawn with PIL (no plotting library)."""
+    """Test accuracy (top) and train/test loss (bottom) per epoch from metrics.jsonl rows, drawn with
+    PIL (no plotting library). Every value is drawn inside its panel's range, none clipped."""
     from PIL import Image, ImageDraw
 
     W, H, pad = 900, 360, 50
     img = Image.new("RGB", (W, H * 2), "white")
     draw = ImageDraw.Draw(img)
     epochs = [r["epoch"] for r in rows]
-    panels = [("test accuracy (%)", [("test", [r["test_accuracy"] for r in rows], (200, 30, 30)),
-                                     ("train", [r["train_accuracy"] for r in rows], (30, 30, 200))]),
+    panels = [("test accuracy (%)", [("test", [r["test_accuracy"] for r in rows], (200, 30, 30))]),
               ("loss", [("test", [r["test_loss"] for r in rows], (200, 30, 30)),
                         ("train", [r["train_loss"] for r in rows], (30, 30, 200))])]
     for p, (title, series) in enumerate(panels):
         top = p * H
         values = [v for _, ys, _ in series for v in ys]
         lo, hi = min(values), max(values)
-        if title.startswith("test accuracy"):
-            lo = max(lo, min(r["test_accuracy"] for r in rows) - 0.5)
         hi = hi if hi > lo else lo + 1
         x0, x1, y0, y1 = pad + 30, W - pad, top + pad, top + H - pad
 
         def xy(e, v):
             fx = (e - epochs[0]) / max(epochs[-1] - epochs[0], 1)
-            fy = (min(max(v, lo), hi) - lo) / (hi - lo)
+            fy = (v - lo) / (hi - lo)
             return x0 + fx * (x1 - x0), y1 - fy * (y1 - y0)
 
         draw.rectangle([x0, y0, x1, y1], outline="black")
@@ -1294,6 +1293,15 @@ def time_steps(step, steps, warmup, device):
     return sorted(times)[len(times) // 2]
 
 
+def measure_throughput(model, train_step, eval_step, cfg, device):
+    """(training, evaluation) images/s from the median step of each, in train / eval mode."""
+    model.train()
+    train_s = time_steps(train_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
+    model.eval()
+    eval_s = time_steps(eval_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
+    return cfg["BATCH_SIZE"] / train_s, cfg["EVAL_BATCH_SIZE"] / eval_s
+
+
 def synthetic_batch(batch_size, seed, device):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch_size, 28, 28), dtype=torch.uint8, generator=g).to(device)
@@ -1332,12 +1340,8 @@ def benchmark_worker(cfg, kind):
         with torch.no_grad():
             model(eval_images)
 
-    model.train()
-    train_s = time_steps(train_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
-    model.eval()
-    eval_s = time_steps(eval_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
-    print(json.dumps({"train_images_per_s": cfg["BATCH_SIZE"] / train_s,
-                      "eval_images_per_s": cfg["EVAL_BATCH_SIZE"] / eval_s,
+    train_ips, eval_ips = measure_throughput(model, train_step, eval_step, cfg, device)
+    print(json.dumps({"train_images_per_s": train_ips, "eval_images_per_s": eval_ips,
                       "peak_memory_mib": peak_memory_mib(device)}))
 
 
@@ -1374,11 +1378,7 @@ def run_benchmark(cfg, json_path=None):
         with torch.no_grad():
             network(eval_batch)
 
-    model.train()
-    train_s = time_steps(train_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
-    model.eval()
-    eval_s = time_steps(eval_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
-    train_ips, eval_ips = cfg["BATCH_SIZE"] / train_s, cfg["EVAL_BATCH_SIZE"] / eval_s
+    train_ips, eval_ips = measure_throughput(model, train_step, eval_step, cfg, device)
     result = {
         "device": str(device), "device_name": device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
         "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
