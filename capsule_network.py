@@ -24,9 +24,9 @@ import re
 import resource
 import signal
 import socket
-import threading
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -492,7 +492,8 @@ class CapsuleLoss(nn.Module):
 def build_model(cfg):
     return CapsuleNet(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
                       cfg["NUM_CLASSES"], cfg["KERNEL_SIZE"], cfg["ROUTING_ITERATIONS"], cfg["W_INIT_STD"],
-                      (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]))
+                      (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
+                      gemm_weight_grad=cfg["CPU_GEMM_WEIGHT_GRAD"])
 
 
 def build_loss(cfg):
@@ -1104,7 +1105,6 @@ def place_model(model, cfg, device):
         model = model.to(memory_format=torch.channels_last)
     if cfg["COMPILE"]:
         model.use_compile()
-    model.gemm_weight_grad = cfg["CPU_GEMM_WEIGHT_GRAD"]
     return model
 
 

@@ -71,12 +71,12 @@ def test_gemm_weight_gradient_under_bf16_autocast(digit_batch):
         assert (a - b).norm() <= 0.02 * b.norm(), name
 
 
-def test_place_model_turns_the_gemm_gradient_on_for_cpu_only():
-    """place_model sets gemm_weight_grad on the CPU when CPU_GEMM_WEIGHT_GRAD is on."""
-    cfg = dict(cn.default_config(), COMPILE=False)
-    assert cn.place_model(small_model(), cfg, torch.device("cpu")).gemm_weight_grad is True
+def test_build_model_takes_the_gemm_gradient_setting_from_the_config():
+    """CPU_GEMM_WEIGHT_GRAD (a flag) reaches the model through build_model, and place_model keeps it."""
+    cfg = dict(cn.default_config(), COMPILE=False, CONV1_CHANNELS=16, PRIMARY_CAPS=4)
+    assert cn.place_model(cn.build_model(cfg), cfg, torch.device("cpu")).gemm_weight_grad is True
     cfg["CPU_GEMM_WEIGHT_GRAD"] = False
-    assert cn.place_model(small_model(), cfg, torch.device("cpu")).gemm_weight_grad is False
+    assert cn.place_model(cn.build_model(cfg), cfg, torch.device("cpu")).gemm_weight_grad is False
 
 
 def test_compiled_capsule_layer_equals_eager(digit_batch):
