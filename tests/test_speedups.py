@@ -94,3 +94,65 @@ def test_compiled_capsule_layer_equals_eager(digit_batch):
     torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
     assert len(compiled.logit_changes) == 1 and compiled.logit_changes[0].shape == (3,)
     torch.testing.assert_close(compiled.logit_changes[0], eager.logit_changes[0], rtol=1e-5, atol=1e-7)
+
+
+MALLOC_PROBE = r"""
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import capsule_network as cn
+
+def faults_per_big_tensor():
+    # allocate, touch and free a 64 MB tensor: glibc's default gives it back to the OS each time
+    torch.ones(16 << 20).sum()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 << 20).sum()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+
+imported = faults_per_big_tensor()
+model = cn.CapsuleNet(16, 4, decoder_hidden=(32, 64), cpu_malloc_tuning=sys.argv[2] == "on")
+with torch.no_grad():
+    model(torch.rand(2, 1, 28, 28))
+print(imported, faults_per_big_tensor(), cn._malloc_tuned)
+"""
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_capsule_net_keeps_big_buffers_mapped_on_its_first_cpu_forward(setting):
+    """Importing the module changes nothing; CapsuleNet's first CPU forward calls
+    tune_cpu_malloc() (so direct users get the speed too) unless cpu_malloc_tuning=False."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, ROOT, setting], capture_output=True,
+                         text=True, check=True).stdout.split()
+    imported, after, tuned = float(out[0]), float(out[1]), out[2]
+    assert imported > 10000  # 64 MB = 16,384 pages, faulted in again on every allocation
+    if setting == "on":
+        assert tuned == "True" and after < 100
+    else:
+        assert tuned == "None" and after > 10000
+
+
+def test_fused_adam_makes_the_same_update_as_plain_adam(digit_batch):
+    """build_optimizer's fused Adam (where torch has it) steps the weights like torch's plain Adam."""
+    images, labels = digit_batch
+    cfg = dict(cn.default_config(), CONV1_CHANNELS=16, PRIMARY_CAPS=4, LR=1e-3)
+    weights = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = cn.build_model(cfg)
+        opt = cn.build_optimizer(model, cfg) if fused else torch.optim.Adam(model.parameters(), lr=1e-3)
+        if fused:
+            assert opt.defaults.get("fused") is True
+        for _ in range(3):
+            opt.zero_grad()
+            lengths, recon = model(images, labels)
+            cn.CapsuleLoss()(images, labels, lengths, recon).backward()
+            opt.step()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    start = torch.cat([p.detach().flatten() for p in (torch.manual_seed(0), cn.build_model(cfg))[1].parameters()])
+    moved = (weights[1] - start).norm()
+    assert moved > 0
+    assert (weights[0] - weights[1]).norm() <= 1e-4 * moved
