@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -74,6 +75,7 @@ VISDOM_PORT = 8097  # Visdom port
 VISDOM_ENV = "capsnet"  # Visdom environment the plots go to
 BENCHMARK_STEPS = 15  # timed steps per measurement in --benchmark (the median step is reported)
 BENCHMARK_WARMUP = 3  # untimed warm-up steps in --benchmark
+BENCHMARK_ROUNDS = 3  # --benchmark times the programs in turn, each one's steps split into this many rounds
 BENCHMARK_BASELINE = True  # --benchmark also times direct fp32 use and the gram-ai-structured baseline
 # ---- end of constants ----
 
@@ -135,6 +137,7 @@ def validate_config(cfg):
         (1 <= cfg["VISDOM_PORT"] <= 65535, "--visdom-port must be in 1..65535"),
         (cfg["BENCHMARK_STEPS"] >= 1, "--benchmark-steps must be >= 1"),
         (cfg["BENCHMARK_WARMUP"] >= 0, "--benchmark-warmup must be >= 0"),
+        (cfg["BENCHMARK_ROUNDS"] >= 1, "--benchmark-rounds must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1298,27 +1301,26 @@ def gram_style_loss(images, labels, classes, recon):
     return (margin.sum() + 0.0005 * ((recon - images.flatten(1)) ** 2).sum()) / images.size(0)
 
 
-def time_steps(step, steps, warmup, device):
-    """Median seconds of one step: robust to the other programs of a shared machine."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
+class StepTimer:
+    """One program under test: warm-up once, then `segment(mode, n)` -> n step times (seconds)."""
+
+    def __init__(self, model, train_step, eval_step, device, warmup):
+        self.model, self.steps, self.device = model, {"train": train_step, "eval": eval_step}, device
+        for mode in ("train", "eval"):
+            self.model.train(mode == "train")
+            for _ in range(warmup):
+                self.steps[mode]()
         sync(device)
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
 
-
-def measure_throughput(model, train_step, eval_step, cfg, device):
-    """(training, evaluation) images/s from the median step of each, in train / eval mode."""
-    model.train()
-    train_s = time_steps(train_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
-    model.eval()
-    eval_s = time_steps(eval_step, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_WARMUP"], device)
-    return cfg["BATCH_SIZE"] / train_s, cfg["EVAL_BATCH_SIZE"] / eval_s
+    def segment(self, mode, n):
+        self.model.train(mode == "train")
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            self.steps[mode]()
+            sync(self.device)
+            times.append(time.perf_counter() - started)
+        return times
 
 
 def synthetic_batch(batch_size, seed, device):
@@ -1337,7 +1339,9 @@ def peak_memory_mib(device):
 def benchmark_worker(cfg, kind):
     """Runs in its own process, with the default environment, fp32 and no trainer settings:
     kind 'baseline' is the gram-ai-structured model, kind 'direct' is CapsuleNet + CapsuleLoss +
-    Adam called directly, as a user's own script would."""
+    Adam called directly, as a user's own script would. After its warm-up it prints one JSON line,
+    then answers each line "train N" / "eval N" on stdin with N step times, and "done" with its
+    peak memory."""
     device = resolve_device(cfg["DEVICE"])
     seed_everything(cfg["SEED"])
     if kind == "baseline":
@@ -1359,27 +1363,82 @@ def benchmark_worker(cfg, kind):
         with torch.no_grad():
             model(eval_images)
 
-    train_ips, eval_ips = measure_throughput(model, train_step, eval_step, cfg, device)
-    print(json.dumps({"train_images_per_s": train_ips, "eval_images_per_s": eval_ips,
-                      "peak_memory_mib": peak_memory_mib(device)}))
+    timer = StepTimer(model, train_step, eval_step, device, cfg["BENCHMARK_WARMUP"])
+    print(json.dumps({"ready": kind}), flush=True)
+    for line in sys.stdin:
+        mode, _, n = line.strip().partition(" ")
+        if mode == "done":
+            break
+        print(json.dumps({"times": timer.segment(mode, int(n))}), flush=True)
+    print(json.dumps({"peak_memory_mib": peak_memory_mib(device)}), flush=True)
 
 
-def run_worker_subprocess(cfg, kind):
-    """Time `kind` in a fresh process with the default environment (no allocator settings)."""
-    args = [sys.executable, os.path.abspath(__file__), "--benchmark-worker", kind,
-            "--device", cfg["DEVICE"], "--batch-size", str(cfg["BATCH_SIZE"]),
-            "--eval-batch-size", str(cfg["EVAL_BATCH_SIZE"]), "--seed", str(cfg["SEED"]),
-            "--benchmark-steps", str(cfg["BENCHMARK_STEPS"]), "--benchmark-warmup", str(cfg["BENCHMARK_WARMUP"])]
-    done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"warning: {kind} benchmark failed: {tail}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class WorkerProgram:
+    """A benchmark_worker in a fresh process with the default environment (no allocator settings,
+    nothing of this process): same interface as StepTimer, and None-safe when it fails."""
+
+    def __init__(self, cfg, kind):
+        self.kind = kind
+        args = [sys.executable, os.path.abspath(__file__), "--benchmark-worker", kind,
+                "--device", cfg["DEVICE"], "--batch-size", str(cfg["BATCH_SIZE"]),
+                "--eval-batch-size", str(cfg["EVAL_BATCH_SIZE"]), "--seed", str(cfg["SEED"]),
+                "--benchmark-warmup", str(cfg["BENCHMARK_WARMUP"])]
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, bufsize=1)
+
+    def request(self, line):
+        """Send one command, return its JSON answer; None (with one warning) if the worker failed."""
+        try:
+            if line:
+                self.proc.stdin.write(line + "\n")
+                self.proc.stdin.flush()
+            while True:  # skip anything else a library printed to stdout
+                answer = self.proc.stdout.readline()
+                if not answer:
+                    raise EOFError(f"{self.kind} worker exited")
+                if answer.startswith("{"):
+                    return json.loads(answer)
+        except (OSError, ValueError, EOFError):
+            self.proc.kill()
+            self.proc.wait()
+            self.stderr.seek(0)
+            tail = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
+            print(f"warning: {self.kind} benchmark failed: {tail}", file=sys.stderr)
+            return None
+
+    def segment(self, mode, n):
+        answer = self.request(f"{mode} {n}")
+        return answer and answer["times"]
+
+    def finish(self):
+        answer = self.request("done")
+        self.proc.wait()
+        return answer and answer["peak_memory_mib"]
+
+
+def alternate_segments(programs, steps, rounds):
+    """Time every program in turn, in `rounds` short segments per mode, so that a slow minute of a
+    shared machine hits all of them alike -> {name: {mode: median step seconds}}. A program that
+    fails is dropped."""
+    sizes = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    times = {name: {"train": [], "eval": []} for name in programs}
+    for mode in ("train", "eval"):
+        for n in (k for k in sizes if k):
+            for name in list(programs):
+                got = programs[name].segment(mode, n)
+                if got is None:
+                    del programs[name], times[name]
+                else:
+                    times[name][mode] += got
+    return {name: {mode: sorted(t)[len(t) // 2] for mode, t in per.items()} for name, per in times.items()}
 
 
 def run_benchmark(cfg, json_path=None):
     device, malloc_tuned = prepare(cfg)
+    workers = {}
+    if cfg["BENCHMARK_BASELINE"]:  # they start (and warm up) while this process warms up
+        workers = {kind: WorkerProgram(cfg, kind) for kind in ("direct", "baseline")}
     model = place_model(build_model(cfg), cfg, device)
     optimizer = build_optimizer(model, cfg)
     dtype = amp_dtype(device, cfg["AMP"])
@@ -1397,11 +1456,18 @@ def run_benchmark(cfg, json_path=None):
         with torch.no_grad():
             network(eval_batch)
 
-    train_ips, eval_ips = measure_throughput(model, train_step, eval_step, cfg, device)
+    programs = {"this": StepTimer(model, train_step, eval_step, device, cfg["BENCHMARK_WARMUP"])}
+    programs.update((kind, w) for kind, w in workers.items() if w.request(None) is not None)  # ready
+    medians = alternate_segments(programs, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_ROUNDS"])
+    rates = {name: (cfg["BATCH_SIZE"] / m["train"], cfg["EVAL_BATCH_SIZE"] / m["eval"])
+             for name, m in medians.items()}
+    peaks = {kind: w.finish() for kind, w in workers.items() if kind in rates}
+    train_ips, eval_ips = rates["this"]
     result = {
         "device": str(device), "device_name": device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
         "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
-        "steps": cfg["BENCHMARK_STEPS"], "warmup": cfg["BENCHMARK_WARMUP"], "statistic": "median step",
+        "steps": cfg["BENCHMARK_STEPS"], "rounds": cfg["BENCHMARK_ROUNDS"], "warmup": cfg["BENCHMARK_WARMUP"],
+        "statistic": "median step",
         "train_images_per_s": round(train_ips, 1), "eval_images_per_s": round(eval_ips, 1),
         "seconds_per_mnist_epoch": round(60000 / train_ips + 10000 / eval_ips, 1),
         "peak_memory_mib": round(peak_memory_mib(device), 1),
@@ -1411,33 +1477,31 @@ def run_benchmark(cfg, json_path=None):
         "torch": torch.__version__,
     }
     print(f"device {result['device_name']}, {result['dtype']}, batch {cfg['BATCH_SIZE']} (eval "
-          f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} warm-up")
+          f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} "
+          f"warm-up, programs alternating in {cfg['BENCHMARK_ROUNDS']} rounds")
     print(f"settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items()))
     print(f"this model:  train {train_ips:8.1f} images/s   eval {eval_ips:8.1f} images/s   "
           f"~{result['seconds_per_mnist_epoch']:.1f} s per MNIST epoch (60k train + 10k test), "
           f"peak memory {result['peak_memory_mib']:.0f} MiB")
-    if cfg["BENCHMARK_BASELINE"]:
-        direct = run_worker_subprocess(cfg, "direct")
-        if direct:
-            result.update(direct_fp32_train_images_per_s=round(direct["train_images_per_s"], 1),
-                          direct_fp32_eval_images_per_s=round(direct["eval_images_per_s"], 1))
-            print(f"direct fp32: train {direct['train_images_per_s']:8.1f} images/s   eval "
-                  f"{direct['eval_images_per_s']:8.1f} images/s   (CapsuleNet + CapsuleLoss + Adam, own process)")
-        base = run_worker_subprocess(cfg, "baseline")
-        if base:
-            result.update(baseline_train_images_per_s=round(base["train_images_per_s"], 1),
-                          baseline_eval_images_per_s=round(base["eval_images_per_s"], 1),
-                          train_speedup=round(train_ips / base["train_images_per_s"], 2),
-                          eval_speedup=round(eval_ips / base["eval_images_per_s"], 2))
-            print(f"baseline:    train {base['train_images_per_s']:8.1f} images/s   eval "
-                  f"{base['eval_images_per_s']:8.1f} images/s   (gram-ai-structured, fp32, own process)")
-            print(f"speed-up:    train {result['train_speedup']:.2f}x   eval {result['eval_speedup']:.2f}x   "
-                  f"(this model / baseline)")
-            if direct:
-                result.update(direct_train_speedup=round(direct["train_images_per_s"] / base["train_images_per_s"], 2),
-                              direct_eval_speedup=round(direct["eval_images_per_s"] / base["eval_images_per_s"], 2))
-                print(f"             train {result['direct_train_speedup']:.2f}x   eval "
-                      f"{result['direct_eval_speedup']:.2f}x   (direct fp32 / baseline)")
+    labels = {"direct": ("direct fp32", "CapsuleNet + CapsuleLoss + Adam, own process"),
+              "baseline": ("baseline", "gram-ai-structured, fp32, own process")}
+    for kind in ("direct", "baseline"):
+        if kind in rates:
+            result[f"{kind}_train_images_per_s"] = round(rates[kind][0], 1)
+            result[f"{kind}_eval_images_per_s"] = round(rates[kind][1], 1)
+            result[f"{kind}_peak_memory_mib"] = peaks[kind] and round(peaks[kind], 1)
+            print(f"{labels[kind][0] + ':':12s} train {rates[kind][0]:8.1f} images/s   eval "
+                  f"{rates[kind][1]:8.1f} images/s   ({labels[kind][1]})")
+    if "baseline" in rates:
+        base_train, base_eval = rates["baseline"]
+        result.update(train_speedup=round(train_ips / base_train, 2), eval_speedup=round(eval_ips / base_eval, 2))
+        print(f"speed-up:    train {result['train_speedup']:.2f}x   eval {result['eval_speedup']:.2f}x   "
+              f"(this model / baseline)")
+        if "direct" in rates:
+            result.update(direct_train_speedup=round(rates["direct"][0] / base_train, 2),
+                          direct_eval_speedup=round(rates["direct"][1] / base_eval, 2))
+            print(f"             train {result['direct_train_speedup']:.2f}x   eval "
+                  f"{result['direct_eval_speedup']:.2f}x   (direct fp32 / baseline)")
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
