@@ -1313,7 +1313,10 @@ class StepTimer:
         sync(device)
 
     def segment(self, mode, n):
+        """One untimed step (the caches are the previous program's), then n timed steps."""
         self.model.train(mode == "train")
+        self.steps[mode]()
+        sync(self.device)
         times = []
         for _ in range(n):
             started = time.perf_counter()
@@ -1418,14 +1421,16 @@ class WorkerProgram:
 
 
 def alternate_segments(programs, steps, rounds):
-    """Time every program in turn, in `rounds` short segments per mode, so that a slow minute of a
-    shared machine hits all of them alike -> {name: {mode: median step seconds}}. A program that
-    fails is dropped."""
+    """Time every program in turn, in `rounds` short segments per mode, the order rotating from
+    round to round, so that a slow minute of a shared machine (or the page-freeing aftermath of the
+    previous program) hits all of them alike -> {name: {mode: median step seconds}}. A program
+    that fails is dropped."""
     sizes = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
     times = {name: {"train": [], "eval": []} for name in programs}
     for mode in ("train", "eval"):
-        for n in (k for k in sizes if k):
-            for name in list(programs):
+        for r, n in enumerate(k for k in sizes if k):
+            names = list(programs)
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 got = programs[name].segment(mode, n)
                 if got is None:
                     del programs[name], times[name]

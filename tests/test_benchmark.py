@@ -42,8 +42,9 @@ class FakeProgram:
 
 
 def test_alternate_segments_interleaves_programs_and_drops_a_failed_one():
-    """Each mode's steps are split into rounds and the programs take turns in every round; the
-    medians come from all of a program's steps; a program whose worker fails is dropped."""
+    """Each mode's steps are split into rounds, the programs take turns in every round and the
+    order rotates; the medians come from all of a program's steps; a program whose worker fails
+    is dropped."""
     from conftest import cn
     log = []
     programs = {"this": FakeProgram("this", log, {"train": 0.5, "eval": 0.1}),
@@ -51,8 +52,8 @@ def test_alternate_segments_interleaves_programs_and_drops_a_failed_one():
                 "flaky": FakeProgram("flaky", log, {"train": 1.0, "eval": 1.0}, fail_on_call=2)}
     medians = cn.alternate_segments(programs, steps=7, rounds=3)
     assert log == [("this", "train", 3), ("base", "train", 3), ("flaky", "train", 3),
-                   ("this", "train", 2), ("base", "train", 2), ("flaky", "train", 2),
+                   ("base", "train", 2), ("flaky", "train", 2), ("this", "train", 2),
                    ("this", "train", 2), ("base", "train", 2),
-                   ("this", "eval", 3), ("base", "eval", 3), ("this", "eval", 2), ("base", "eval", 2),
+                   ("this", "eval", 3), ("base", "eval", 3), ("base", "eval", 2), ("this", "eval", 2),
                    ("this", "eval", 2), ("base", "eval", 2)]
     assert medians == {"this": {"train": 0.5, "eval": 0.1}, "base": {"train": 4.0, "eval": 1.0}}
