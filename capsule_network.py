@@ -459,8 +459,8 @@ class CapsuleNet(nn.Module):
 
     def capsules(self, images):
         """images (B, 1, H, W) -> digit capsules v (B, J, E) and couplings c (B, I, J), in fp32."""
-        if self.cpu_malloc_tuning and images.device.type == "cpu" and _malloc_tuned is None:
-            tune_cpu_malloc()  # without it, CPU steps run up to 1.5x slower (README "Speed")
+        if self.cpu_malloc_tuning and images.device.type == "cpu":
+            tune_cpu_malloc()  # once per process; without it CPU steps ran up to 1.5x slower (README "Speed")
         u = self.primary_capsules(images)  # (B, I, D)
         with torch.autocast(device_type=u.device.type, enabled=False):
             v, c, changes = self.capsule_layer(self.W.float(), u, self.routing_iterations, self.record_routing)
@@ -511,7 +511,7 @@ def build_model(cfg):
 
 def build_optimizer(model, cfg):
     """Adam (TensorFlow's defaults but the learning rate, as in the paper), as one fused kernel
-    where this torch has it: the same update, 3x faster than the per-parameter loop on the CPU."""
+    where this torch has it: the same update, about 3x faster than the per-parameter loop on the CPU."""
     try:
         return torch.optim.Adam(model.parameters(), lr=cfg["LR"], fused=True)
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
@@ -1377,8 +1377,9 @@ def benchmark_worker(cfg, kind):
 
 
 class WorkerProgram:
-    """A benchmark_worker in a fresh process with the default environment (no allocator settings,
-    nothing of this process): same interface as StepTimer, and None-safe when it fails."""
+    """A benchmark_worker in a fresh process with the default environment (nothing inherited from
+    this process's settings; the direct CapsuleNet still sets the allocator itself, as it would in
+    a user's script): same interface as StepTimer, and None-safe when it fails."""
 
     def __init__(self, cfg, kind):
         self.kind = kind
@@ -1417,6 +1418,7 @@ class WorkerProgram:
     def finish(self):
         answer = self.request("done")
         self.proc.wait()
+        self.stderr.close()
         return answer and answer["peak_memory_mib"]
 
 

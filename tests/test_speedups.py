@@ -139,10 +139,14 @@ def test_fused_adam_makes_the_same_update_as_plain_adam(digit_batch):
     """build_optimizer's fused Adam (where torch has it) steps the weights like torch's plain Adam."""
     images, labels = digit_batch
     cfg = dict(cn.default_config(), CONV1_CHANNELS=16, PRIMARY_CAPS=4, LR=1e-3)
+    def flat(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
     weights = []
     for fused in (True, False):
         torch.manual_seed(0)
         model = cn.build_model(cfg)
+        start = flat(model)
         opt = cn.build_optimizer(model, cfg) if fused else torch.optim.Adam(model.parameters(), lr=1e-3)
         if fused:
             assert opt.defaults.get("fused") is True
@@ -151,8 +155,7 @@ def test_fused_adam_makes_the_same_update_as_plain_adam(digit_batch):
             lengths, recon = model(images, labels)
             cn.CapsuleLoss()(images, labels, lengths, recon).backward()
             opt.step()
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    start = torch.cat([p.detach().flatten() for p in (torch.manual_seed(0), cn.build_model(cfg))[1].parameters()])
+        weights.append(flat(model))
     moved = (weights[1] - start).norm()
     assert moved > 0
     assert (weights[0] - weights[1]).norm() <= 1e-4 * moved
