@@ -1588,6 +1588,7 @@ def run_benchmark(cfg, json_path=None):
         "seconds_per_mnist_epoch": round(60000 / train_ips + 10000 / eval_ips, 1),
         "peak_memory_mib": round(peak_memory_mib(device), 1),
         "settings": {"amp": dtype is not None, "compile": cfg["COMPILE"], "channels_last": cfg["CHANNELS_LAST"],
+                     "cpu_dft_conv": device.type == "cpu" and cfg["CPU_DFT_CONV"],
                      "cpu_malloc_tuning": bool(malloc_tuned), "threads": torch.get_num_threads(),
                      "cudnn_benchmark": device.type == "cuda", "tf32": device.type == "cuda"},
         "torch": torch.__version__,
