@@ -360,8 +360,8 @@ def dft_matrices(kernel, stride, out, device):
     wrap-around at the outputs used. Frequencies: k1 in 0..n-1 along rows, k2 in 0..n//2 along
     columns (the input is real, so the other half of k2 follows by conjugate symmetry); a complex
     value is stored as (real, imaginary), index `reim` below; w = exp(-2 pi i / n).
-      d1 (k2 reim, n):           X1[m, k2] = sum_c x[m, c] w^(k2 c)             (along columns)
-      d2 (k1 reim, reim m):      X[k1, k2] = sum_m X1[m, k2] w^(k1 m)           (along rows)
+      d1 (k2 reim, col):         X1[row, k2] = sum_col x[row, col] w^(k2 col)   (along columns)
+      d2 (k1 reim, reim row):    X[k1, k2] = sum_row X1[row, k2] w^(k1 row)     (along rows)
       ew (k2 k1 reim, K*K):      Wf[k1, k2] = sum_ij weight[i, j] w^(k1 i + k2 j)
       inv_rows (reim p, k1 reim): Y1[p, k2] = sum_k1 Z[k1, k2] w^(-k1 stride p)  (only the rows used)
       inv_cols (q, k2 reim):     y[p, q] = Re sum_k2 a_k2 Y1[p, k2] w^(-k2 stride q) / n^2,
@@ -374,7 +374,8 @@ def dft_matrices(kernel, stride, out, device):
     k2 = torch.arange(half, dtype=f64)
     angle = 2 * math.pi * k2[:, None] * t / n  # (k2, column)
     d1 = torch.stack([angle.cos(), -angle.sin()], 1).reshape(2 * half, n)
-    cos, sin = (2 * math.pi * t[:, None] * t / n).cos(), (2 * math.pi * t[:, None] * t / n).sin()  # (k1, m)
+    angle = 2 * math.pi * t[:, None] * t / n  # (k1, row)
+    cos, sin = angle.cos(), angle.sin()
     d2 = torch.stack([torch.cat([cos, sin], 1), torch.cat([-sin, cos], 1)], 1).reshape(2 * n, 2 * n)
     tap = torch.arange(kernel, dtype=f64)
     angle = 2 * math.pi * (k2[:, None, None, None] * tap + t[:, None, None] * tap[:, None]) / n  # (k2, k1, i, j)
