@@ -353,8 +353,8 @@ class StridedConvGemmGrad(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=None)
-def dft_matrices(kernel, stride, out, device):
-    """The real matrices conv2d_dft multiplies by, in fp64 (rounded to the compute dtype on use).
+def dft_matrices(kernel, stride, out, device, dtype):
+    """The real matrices conv2d_dft multiplies by, computed in fp64, returned in `dtype`.
 
     n = stride * (out - 1) + kernel is the smallest DFT size whose circular correlation has no
     wrap-around at the outputs used. Frequencies: k1 in 0..n-1 along rows, k2 in 0..n//2 along
@@ -390,13 +390,13 @@ def dft_matrices(kernel, stride, out, device):
         a[-1] = 1.0  # the Nyquist column is its own conjugate
     angle = 2 * math.pi * used[:, None] * k2 / n  # (q, k2)
     inv_cols = (torch.stack([angle.cos(), -angle.sin()], -1) * a[:, None]).reshape(out, 2 * half) / n ** 2
-    return tuple(m.to(device) for m in (d1, d2, ew, inv_rows, inv_cols))
+    return tuple(m.to(device, dtype) for m in (d1, d2, ew, inv_rows, inv_cols))
 
 
 def dft_weight(weight, stride, out, dtype):
     """The weights' DFTs for conv2d_dft: (O, C, K, K) -> (frequencies, 2 O, C), rows (reim, o)."""
     O, C, K, _ = weight.shape
-    ew = dft_matrices(K, stride, out, weight.device)[2].to(dtype)
+    ew = dft_matrices(K, stride, out, weight.device, dtype)[2]
     return (ew @ weight.reshape(O * C, K * K).to(dtype).t()).reshape(ew.shape[0] // 2, 2 * O, C)
 
 
@@ -417,7 +417,7 @@ def conv2d_dft(x, weight, bias, stride, dtype, weight_f=None):
     out = (H - K) // stride + 1
     n = stride * (out - 1) + K
     half = n // 2 + 1
-    d1, d2, _, inv_rows, inv_cols = (m.to(dtype) for m in dft_matrices(K, stride, out, x.device))
+    d1, d2, _, inv_rows, inv_cols = dft_matrices(K, stride, out, x.device, dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
         xt = x[:, :n, :n].permute(2, 1, 0, 3).to(dtype).reshape(n, n * B * C)  # (column, row, b, c)
         x1 = (d1 @ xt).reshape(half, 2 * n, B * C)  # (k2, (reim, row), (b, c))
@@ -532,7 +532,7 @@ class CapsuleNet(nn.Module):
         if self.dft_conv and images.device.type == "cpu":
             # Given its one input channel with channels-last strides (the same memory), Conv1
             # writes channels-last: the layout conv2d_dft reads without a transpose.
-            B, _, H, W = images.shape
+            _, _, H, W = images.shape
             images = images.contiguous().as_strided(images.shape, (H * W, 1, W, 1))
             x = F.relu(self.conv1(images), inplace=True).permute(0, 2, 3, 1)  # (B, 20, 20, 256)
             x = conv2d_dft(x, self.primary.weight, self.primary.bias, self.primary.stride[0], x.dtype,

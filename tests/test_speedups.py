@@ -44,6 +44,20 @@ def model_grads(model, x, labels):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+
+def assert_bf16_grads_agree(model, x, labels, switch, tolerance):
+    """Under CPU bf16 autocast the gradients with model.<switch> on are finite and within
+    `tolerance` (relative error of the whole tensor) of those with it off."""
+    grads = {}
+    for on in (False, True):
+        setattr(model, switch, on)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            grads[on] = model_grads(model, x, labels)
+    for name in ("primary.weight", "primary.bias", "conv1.weight", "W"):
+        a, b = grads[True][name].float(), grads[False][name].float()
+        assert torch.isfinite(a).all(), name
+        assert (a - b).norm() <= tolerance * b.norm(), name
+
 def test_model_with_gemm_weight_gradient_trains_the_same(digit_batch):
     """A CapsuleNet with gemm_weight_grad on gets the same gradients as with it off (fp32)."""
     model = small_model(w_init_std=0.5, dft_conv=False).train()
@@ -61,15 +75,7 @@ def test_gemm_weight_gradient_under_bf16_autocast(digit_batch):
     path to bf16 precision (relative error of the whole tensor below 2%)."""
     model = small_model(w_init_std=0.5, dft_conv=False).train()
     x, labels = digit_batch
-    grads = {}
-    for gemm in (False, True):
-        model.gemm_weight_grad = gemm
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            grads[gemm] = model_grads(model, x, labels)
-    for name in ("primary.weight", "primary.bias", "conv1.weight", "W"):
-        a, b = grads[True][name].float(), grads[False][name].float()
-        assert torch.isfinite(a).all(), name
-        assert (a - b).norm() <= 0.02 * b.norm(), name
+    assert_bf16_grads_agree(model, x, labels, "gemm_weight_grad", 0.02)
 
 
 def test_build_model_takes_the_gemm_gradient_setting_from_the_config():
@@ -148,15 +154,7 @@ def test_model_with_dft_convolution_trains_the_same(digit_batch):
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
     for name, grad in results[False][2].items():
         torch.testing.assert_close(results[True][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    bf16 = {}
-    for dft in (True, False):
-        model.dft_conv = dft
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16[dft] = model_grads(model, x, labels)
-    for name in ("primary.weight", "primary.bias", "conv1.weight", "W"):
-        a, b = bf16[True][name].float(), bf16[False][name].float()
-        assert torch.isfinite(a).all(), name
-        assert (a - b).norm() <= 0.03 * b.norm(), name
+    assert_bf16_grads_agree(model, x, labels, "dft_conv", 0.03)
 
 
 @pytest.mark.parametrize("fused", [False, True])
