@@ -110,7 +110,10 @@ def describe(done):
 
 
 def train_args(data_root, run_dir, *extra, epochs=2):
-    return ["--data-dir", data_root, "--run-dir", run_dir, "--no-visdom", "--epochs", epochs,
+    """Flags of a tiny training run. The compiled capsule layer is forced: COMPILE = "auto" picks
+    by timing, and runs compared step for step must not pick differently (tests/test_compile.py
+    covers auto)."""
+    return ["--data-dir", data_root, "--run-dir", run_dir, "--no-visdom", "--epochs", epochs, "--compile",
             *SMALL_ARCH, *SMALL_BATCHES, *extra]
 
 

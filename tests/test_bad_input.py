@@ -121,7 +121,6 @@ def test_resume_of_a_missing_file(tmp_path):
     (["--kernel-size", "5"], "--kernel-size must be 9"),
     (["--m-minus", "0.95"], "--m-minus < --m-plus"),
     (["--visdom-port", "70000"], "--visdom-port must be in 1..65535"),
-    (["--benchmark", "--benchmark-rounds", "0"], "--benchmark-rounds must be >= 1"),
     (["--eval-only"], "--eval-only needs --resume"),
     (["--visualize"], "--visualize needs --resume"),
     (["--export-weights", "x.pt"], "--export-weights needs --resume"),

@@ -1,22 +1,34 @@
-"""--benchmark: it runs and reports its numbers (no timing thresholds), and how it alternates programs."""
+"""bench.py: it runs and reports its numbers (no timing thresholds), how it alternates programs,
+its flags, and the hand-over from capsule_network.py --benchmark."""
 
 import json
+import os
+import subprocess
+import sys
 
-from conftest import describe, run_script
+import pytest
+
+from conftest import ROOT, cn, describe, run_script
+
+BENCH = os.path.join(ROOT, "bench.py")
+sys.path.insert(0, ROOT)
+import bench  # noqa: E402
 
 KEYS = ("device", "dtype", "batch_size", "train_images_per_s", "eval_images_per_s",
-        "baseline_train_images_per_s", "baseline_eval_images_per_s")
+        "baseline_train_images_per_s", "baseline_eval_images_per_s", "train_speedup", "eval_speedup")
+TINY = ["--benchmark-steps", 1, "--benchmark-warmup", 0, "--batch-size", 4, "--no-visdom", "--device", "cpu"]
 
 
-def test_benchmark_writes_json(tmp_path):
-    """--benchmark with one timed step: exit 0 and a JSON file with device, dtype, batch size and
-    positive images/s for this model and the gram-ai-structured baseline."""
-    out = tmp_path / "bench.json"
-    done = run_script(["--benchmark", "--benchmark-steps", 1, "--benchmark-warmup", 0, "--batch-size", 4,
-                       "--benchmark-json", out, "--no-visdom", "--device", "cpu"], cwd=tmp_path)
+def run_bench(args, cwd):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, BENCH, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def check_report(done, path):
     assert done.returncode == 0, describe(done)
-    assert "Traceback" not in done.stderr and "baseline benchmark failed" not in done.stderr, describe(done)
-    with open(out, encoding="utf-8") as f:
+    assert "Traceback" not in done.stderr and "benchmark failed" not in done.stderr, describe(done)
+    with open(path, encoding="utf-8") as f:
         result = json.load(f)
     for key in KEYS:
         assert key in result, key
@@ -24,8 +36,65 @@ def test_benchmark_writes_json(tmp_path):
     assert result["dtype"] in ("fp32", "bf16 autocast")
     for key in KEYS[3:]:
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
-    assert "baseline:" in done.stdout and "speed-up:" in done.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no run dir, no data needed
+    assert result["settings"]["capsule_layer"] in ("compiled", "eager")
+    assert "baseline:" in done.stdout and "speed-up:" in done.stdout and "this model:" in done.stdout
+    return result
+
+
+def test_bench_writes_json(tmp_path):
+    """python bench.py with one timed step: exit 0 and a JSON file with device, dtype, batch size
+    and positive images/s for this model and the gram-ai-structured baseline; no run dir, no data."""
+    out = tmp_path / "bench.json"
+    check_report(run_bench(TINY + ["--json", out], tmp_path), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+
+
+def test_trainer_benchmark_flag_hands_over_to_bench(tmp_path):
+    """capsule_network.py --benchmark --benchmark-json PATH still works: the same report."""
+    out = tmp_path / "b.json"
+    check_report(run_script(["--benchmark", *TINY, "--benchmark-json", out], cwd=tmp_path), out)
+
+
+def test_compile_vs_eager_times_both_capsule_layers(tmp_path):
+    """--compile-vs-eager: the same model with the compiled and with the eager capsule layer, side
+    by side, and their ratio."""
+    out = tmp_path / "c.json"
+    done = run_bench(TINY + ["--no-benchmark-baseline", "--compile-vs-eager", "--json", out], tmp_path)
+    assert done.returncode == 0, describe(done)
+    with open(out, encoding="utf-8") as f:
+        result = json.load(f)
+    for kind in ("compiled", "eager"):
+        assert result[f"{kind}_train_images_per_s"] > 0 and result[f"{kind}_eval_images_per_s"] > 0
+    assert result["compile_train_speedup"] == pytest.approx(
+        result["compiled_train_images_per_s"] / result["eager_train_images_per_s"], rel=0.01)
+    assert "compiled / eager:" in done.stdout and "baseline" not in done.stdout
+
+
+def test_bench_accepts_every_trainer_flag():
+    """Every constant of capsule_network.py is a flag of bench.py too, and so are bench's own."""
+    text = bench.build_parser().format_help()
+    for name, _ in cn.constants_table() + cn.constants_table(BENCH):
+        assert "--" + name.lower().replace("_", "-") in text, name
+    assert "--json" in text and "--compile-vs-eager" in text and "--worker" not in text
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--benchmark-rounds", "0"], "--benchmark-rounds must be >= 1"),
+    (["--benchmark-steps", "0"], "--benchmark-steps must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bench_usage_errors(argv, fragment, capsys):
+    """A bad value: exit 2 and one line, from bench.py and through capsule_network.py --benchmark."""
+    for run in (lambda: bench.main(argv), lambda: cn.main(["--benchmark"] + argv)):
+        rc = run()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("bench.py: error:") and fragment in lines[0]
+
+
+def test_the_trainer_holds_no_benchmark_code():
+    """The baseline model, the workers and the report live in bench.py only."""
+    for name in ("GramStyleCapsNet", "WorkerProgram", "alternate_segments", "run_benchmark", "StepTimer"):
+        assert hasattr(bench, name) and not hasattr(cn, name), name
 
 
 class FakeProgram:
@@ -45,12 +114,11 @@ def test_alternate_segments_interleaves_programs_and_drops_a_failed_one():
     """Each mode's steps are split into rounds, the programs take turns in every round and the
     order rotates; the medians come from all of a program's steps; a program whose worker fails
     is dropped."""
-    from conftest import cn
     log = []
     programs = {"this": FakeProgram("this", log, {"train": 0.5, "eval": 0.1}),
                 "base": FakeProgram("base", log, {"train": 4.0, "eval": 1.0}),
                 "flaky": FakeProgram("flaky", log, {"train": 1.0, "eval": 1.0}, fail_on_call=2)}
-    medians = cn.alternate_segments(programs, steps=7, rounds=3)
+    medians = bench.alternate_segments(programs, steps=7, rounds=3)
     assert log == [("this", "train", 3), ("base", "train", 3), ("flaky", "train", 3),
                    ("base", "train", 2), ("flaky", "train", 2), ("this", "train", 2),
                    ("this", "train", 2), ("base", "train", 2),

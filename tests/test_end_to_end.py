@@ -202,3 +202,15 @@ def test_ctrl_c_stops_cleanly_with_exit_130(tiny_mnist, tmp_path):
     # last.pt is saved just before its metrics row is appended, so an interrupt landing between
     # the two leaves last.pt one epoch ahead of metrics.jsonl
     assert load_pt(os.path.join(run_dir, "last.pt"))["epoch"] == rows[-1]["epoch"]  # written together
+
+
+def test_a_preset_run_prints_and_saves_its_recipe(tiny_mnist, tmp_path):
+    """--preset mnist-2h (its epochs cut to 1 by a flag): the recipe's line at start, and the
+    checkpoint carries the preset and its learning-rate decay (so --resume continues it)."""
+    run = str(tmp_path / "run")
+    done = run_script(train_args(tiny_mnist["root"], run, "--preset", "mnist-2h", epochs=1))
+    assert done.returncode == 0, describe(done)
+    assert "preset mnist-2h: EPOCHS=1 (the preset's 30, overridden), LR_DECAY=0.88" in done.stdout.splitlines()
+    ckpt = load_pt(os.path.join(run, "last.pt"))
+    assert ckpt["config"]["PRESET"] == "mnist-2h" and ckpt["config"]["LR_DECAY"] == 0.88
+    assert ckpt["scheduler"]["gamma"] == 0.88

@@ -1,8 +1,9 @@
 """Visdom: the live plots reach a real visdom.server; without a server (or when it goes away)
 training goes on with one warning line.
 
-The server needs visdom's JS/CSS assets offline; if it does not start, run once:
-    /work/shared/tools/visdom-offline-assets /work/main/.venv/bin/python
+The server needs visdom's JS/CSS assets offline; if it does not start, run once, from the
+project root (as .ci/run does):
+    ../shared/tools/visdom-offline-assets .venv/bin/python
 """
 
 import base64
@@ -55,8 +56,8 @@ def start_server(env_path, log_path, timeout=60):
     log.close()
     with open(log_path, encoding="utf-8", errors="replace") as f:
         tail = f.read()[-2000:]
-    pytest.fail("visdom.server did not start (offline assets missing? run "
-                f"/work/shared/tools/visdom-offline-assets {sys.executable}):\n{tail}")
+    pytest.fail("visdom.server did not start (offline assets missing? run, from the project root: "
+                f"../shared/tools/visdom-offline-assets {sys.executable}):\n{tail}")
 
 
 def stop_server(proc):
@@ -79,11 +80,12 @@ def visdom_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def logged_run(visdom_server, tiny_mnist, tmp_path_factory):
-    """A 2-epoch run that logs to the live server (second epoch appends to the line plots)."""
+    """A 2-epoch run that logs to the live server (second epoch appends to the line plots), with a
+    point in the live windows every 2 of the 10 batches of an epoch."""
     run_dir = str(tmp_path_factory.mktemp("visdom_run") / "run")
     args = [a for a in train_args(tiny_mnist["root"], run_dir, epochs=2) if a != "--no-visdom"]
     done = run_script(args + ["--visdom-server", "127.0.0.1", "--visdom-port", visdom_server,
-                              "--visdom-env", ENV])
+                              "--visdom-env", ENV, "--progress-every", 2])
     assert done.returncode == 0, describe(done)
     return {"dir": run_dir, "process": done, "port": visdom_server}
 
@@ -136,6 +138,54 @@ def test_line_plots_hold_the_metrics(logged_run, title, pairs):
     for name, key in pairs.items():
         assert series[name]["x"] == [1, 2], name
         assert series[name]["y"] == pytest.approx([r[key] for r in rows], rel=1e-9), name
+
+
+@pytest.mark.parametrize("title, key", [("training loss, live", "train_loss"),
+                                        ("training accuracy, live", "train_accuracy")])
+def test_live_windows_get_a_point_every_progress_every_batches(logged_run, title, key):
+    """The live windows hold one point every 2 batches at x = fractional epoch (0.2, 0.4, ... 2.0),
+    each the mean of those 2 batches alone: an epoch's 5 points average to its metrics value."""
+    rows = read_rows(logged_run["dir"])
+    series = traces(window(logged_run["port"], title))["train"]
+    assert series["x"] == pytest.approx([k / 5 for k in range(1, 11)])
+    for epoch, row in enumerate(rows):
+        points = series["y"][5 * epoch:5 * epoch + 5]
+        assert sum(points) / 5 == pytest.approx(row[key], rel=1e-4), epoch
+
+
+def test_live_window_has_points_before_the_first_epoch_ends(visdom_server, tiny_mnist, tmp_path):
+    """While epoch 1 is still training (no metrics row yet), the live loss window already holds
+    points: a new user sees the plots move during the first epoch."""
+    run_dir = str(tmp_path / "run")
+    args = [a for a in train_args(tiny_mnist["root"], run_dir, "--batch-size", 2, "--progress-every", 5,
+                                  "--no-compile", epochs=1) if a != "--no-visdom"]
+    env = f"{ENV}_live"
+    trainer = subprocess.Popen([sys.executable, SCRIPT, *map(str, args), "--visdom-server", "127.0.0.1",
+                                "--visdom-port", str(visdom_server), "--visdom-env", env],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    import visdom
+
+    client = visdom.Visdom(server="http://127.0.0.1", port=visdom_server, use_incoming_socket=False,
+                           raise_exceptions=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    seen = None
+    try:
+        deadline = time.monotonic() + 240
+        while trainer.poll() is None and time.monotonic() < deadline:
+            text = client.get_window_data(win=f"{env}_training loss, live", env=env)
+            if text:
+                seen = (traces(json.loads(text))["train"]["x"], os.path.exists(metrics))
+                break
+            time.sleep(0.05)
+        out, err = trainer.communicate(timeout=240)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert trainer.returncode == 0, err[-3000:]
+    assert seen is not None, "the live window never appeared"
+    xs, epoch_done = seen
+    assert xs and all(0 < x < 1 for x in xs) and not epoch_done, seen
 
 
 def test_routing_plot_has_one_series_per_iteration(logged_run):

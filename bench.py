@@ -1,0 +1,388 @@
+"""Speed benchmark of capsule_network.py: images/s of training and evaluation steps, against a
+gram-ai-structured baseline, on synthetic data.
+
+    python bench.py                     # the trainer's default mode, batch 100, with the baseline
+    python bench.py --no-amp --json out.json
+    python bench.py --compile-vs-eager  # the compiled and the eager capsule layer, side by side
+
+It accepts every flag of capsule_network.py that shapes a training step (--device,
+--batch-size, --no-amp, --compile ...) and times exactly what the trainer runs: its model,
+loss, optimizer and Stepper, one training step being what torchnet's Engine does per batch.
+Three programs take turns in rounds, so that a slow minute of a shared machine hits all alike:
+  this project's default mode, in this process;
+  CapsuleNet + CapsuleLoss + Adam called directly in fp32, in a fresh process ("direct");
+  a CapsNet laid out like gram-ai/capsule-networks, in a fresh process ("baseline").
+Measured results and the commands behind them are in README.md and results/README.md.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import capsule_network as cn
+
+# ---- constants (each one is also a flag: FOO_BAR -> --foo-bar) ----
+BENCHMARK_STEPS = 15  # timed steps per measurement (the median step is reported)
+BENCHMARK_WARMUP = 3  # untimed warm-up steps of each program
+BENCHMARK_ROUNDS = 3  # the programs take turns, each one's steps split into this many rounds
+BENCHMARK_BASELINE = True  # also time direct fp32 use and the gram-ai-structured baseline
+# ---- end of constants ----
+
+
+# ---- the baseline: a gram-ai-structured CapsNet ----
+class GramStyleCapsNet(nn.Module):
+    """A CapsNet laid out like gram-ai/capsule-networks, for the speed baseline only: eight separate
+    primary-capsule convolutions, a (10, B, 1152, 1, 16) routing tensor and a softmax over the
+    lengths, all fp32. Same layer sizes as CapsuleNet; its semantic bugs are kept on purpose
+    (this is the structure users run), and nothing trains with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 256, 9)
+        self.primary = nn.ModuleList([nn.Conv2d(256, 32, 9, stride=2) for _ in range(8)])
+        self.route_weights = nn.Parameter(0.01 * torch.randn(10, 1152, 8, 16))
+        self.decoder = nn.Sequential(nn.Linear(160, 512), nn.ReLU(inplace=True), nn.Linear(512, 1024),
+                                     nn.ReLU(inplace=True), nn.Linear(1024, 784), nn.Sigmoid())
+
+    @staticmethod
+    def squash(t, dim=-1):
+        n2 = (t ** 2).sum(dim=dim, keepdim=True)
+        return n2 / (1 + n2) * t / torch.sqrt(n2)
+
+    def forward(self, x, y=None):
+        x = F.relu(self.conv1(x), inplace=True)
+        u = torch.cat([conv(x).reshape(x.size(0), -1, 1) for conv in self.primary], dim=-1)  # (B, 1152, 8)
+        u = self.squash(u)
+        priors = u[None, :, :, None, :] @ self.route_weights[:, None, :, :, :]  # (10, B, 1152, 1, 16)
+        logits = torch.zeros_like(priors)
+        for i in range(3):
+            probs = F.softmax(logits, dim=2)
+            v = self.squash((probs * priors).sum(dim=2, keepdim=True))  # (10, B, 1, 1, 16)
+            if i != 2:
+                logits = logits + (priors * v).sum(dim=-1, keepdim=True)
+        v = v.squeeze(2).squeeze(2).transpose(0, 1)  # (B, 10, 16)
+        classes = F.softmax((v ** 2).sum(dim=-1) ** 0.5, dim=-1)
+        if y is None:
+            y = classes.argmax(dim=1)
+        mask = torch.eye(10, device=x.device).index_select(0, y)
+        recon = self.decoder((v * mask[:, :, None]).reshape(x.size(0), -1))
+        return classes, recon
+
+
+def gram_style_loss(images, labels, classes, recon):
+    onehot = F.one_hot(labels, 10).float()
+    margin = onehot * F.relu(0.9 - classes) ** 2 + 0.5 * (1 - onehot) * F.relu(classes - 0.1) ** 2
+    return (margin.sum() + 0.0005 * ((recon - images.flatten(1)) ** 2).sum()) / images.size(0)
+
+
+# ---- the programs and their alternation ----
+class StepTimer:
+    """One program under test: warm-up once, then `segment(mode, n)` -> n step times (seconds)."""
+
+    def __init__(self, model, train_step, eval_step, device, warmup):
+        self.model, self.steps, self.device = model, {"train": train_step, "eval": eval_step}, device
+        for mode in ("train", "eval"):
+            self.model.train(mode == "train")
+            for _ in range(warmup):
+                self.steps[mode]()
+        cn.sync(device)
+
+    def segment(self, mode, n):
+        """One untimed step (the caches are the previous program's), then n timed steps."""
+        self.model.train(mode == "train")
+        self.steps[mode]()
+        cn.sync(self.device)
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            self.steps[mode]()
+            cn.sync(self.device)
+            times.append(time.perf_counter() - started)
+        return times
+
+
+def synthetic_batch(batch_size, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, 28, 28), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, 10, (batch_size,), generator=g).to(device)
+    return images, labels
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def benchmark_worker(cfg, kind):
+    """Runs in its own process, with the default environment, fp32 and no trainer settings:
+    kind 'baseline' is the gram-ai-structured model, kind 'direct' is CapsuleNet + CapsuleLoss +
+    Adam called directly, as a user's own script would. After its warm-up it prints one JSON line,
+    then answers each line "train N" / "eval N" on stdin with N step times, and "done" with its
+    peak memory."""
+    device = cn.resolve_device(cfg["DEVICE"])
+    cn.seed_everything(cfg["SEED"])
+    if kind == "baseline":
+        model, loss_fn = GramStyleCapsNet().to(device), gram_style_loss
+    else:
+        model, loss_fn = cn.CapsuleNet().to(device), cn.CapsuleLoss()
+    optimizer = torch.optim.Adam(model.parameters())
+    images_u8, labels = synthetic_batch(cfg["BATCH_SIZE"], cfg["SEED"], device)
+    images = cn.to_float_images(images_u8)
+    eval_images = cn.to_float_images(synthetic_batch(cfg["EVAL_BATCH_SIZE"], cfg["SEED"], device)[0])
+
+    def train_step():
+        optimizer.zero_grad()
+        classes, recon = model(images, labels)
+        loss_fn(images, labels, classes, recon).backward()
+        optimizer.step()
+
+    def eval_step():
+        with torch.no_grad():
+            model(eval_images)
+
+    timer = StepTimer(model, train_step, eval_step, device, cfg["BENCHMARK_WARMUP"])
+    print(json.dumps({"ready": kind}), flush=True)
+    for line in sys.stdin:
+        mode, _, n = line.strip().partition(" ")
+        if mode == "done":
+            break
+        print(json.dumps({"times": timer.segment(mode, int(n))}), flush=True)
+    print(json.dumps({"peak_memory_mib": peak_memory_mib(device)}), flush=True)
+
+
+class WorkerProgram:
+    """A benchmark_worker in a fresh process with the default environment (nothing inherited from
+    this process's settings; the direct CapsuleNet still sets the allocator itself, as it would in
+    a user's script): same interface as StepTimer, and None-safe when it fails."""
+
+    def __init__(self, cfg, kind):
+        self.kind = kind
+        args = [sys.executable, os.path.abspath(__file__), "--worker", kind,
+                "--device", cfg["DEVICE"], "--batch-size", str(cfg["BATCH_SIZE"]),
+                "--eval-batch-size", str(cfg["EVAL_BATCH_SIZE"]), "--seed", str(cfg["SEED"]),
+                "--benchmark-warmup", str(cfg["BENCHMARK_WARMUP"])]
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, bufsize=1)
+
+    def request(self, line):
+        """Send one command, return its JSON answer; None (with one warning) if the worker failed."""
+        try:
+            if line:
+                self.proc.stdin.write(line + "\n")
+                self.proc.stdin.flush()
+            while True:  # skip anything else a library printed to stdout
+                answer = self.proc.stdout.readline()
+                if not answer:
+                    raise EOFError(f"{self.kind} worker exited")
+                if answer.startswith("{"):
+                    return json.loads(answer)
+        except (OSError, ValueError, EOFError):
+            self.proc.kill()
+            self.proc.wait()
+            self.stderr.seek(0)
+            tail = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
+            print(f"warning: {self.kind} benchmark failed: {tail}", file=sys.stderr)
+            return None
+
+    def segment(self, mode, n):
+        answer = self.request(f"{mode} {n}")
+        return answer and answer["times"]
+
+    def finish(self):
+        answer = self.request("done")
+        self.proc.wait()
+        self.stderr.close()
+        return answer and answer["peak_memory_mib"]
+
+
+def alternate_segments(programs, steps, rounds):
+    """Time every program in turn, in `rounds` short segments per mode, the order rotating from
+    round to round, so that a slow minute of a shared machine (or the page-freeing aftermath of the
+    previous program) hits all of them alike -> {name: {mode: median step seconds}}. A program
+    that fails is dropped."""
+    sizes = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    times = {name: {"train": [], "eval": []} for name in programs}
+    for mode in ("train", "eval"):
+        for r, n in enumerate(k for k in sizes if k):
+            names = list(programs)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                got = programs[name].segment(mode, n)
+                if got is None:
+                    del programs[name], times[name]
+                else:
+                    times[name][mode] += got
+    return {name: {mode: sorted(t)[len(t) // 2] for mode, t in per.items()} for name, per in times.items()}
+
+
+# ---- the report ----
+def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
+    device, malloc_tuned = cn.prepare(cfg)
+    workers = {}
+    if cfg["BENCHMARK_BASELINE"]:  # they start (and warm up) while this process warms up
+        workers = {kind: WorkerProgram(cfg, kind) for kind in ("direct", "baseline")}
+    model = cn.place_model(cn.build_model(cfg), cfg, device)
+    optimizer = cn.build_optimizer(model, cfg)
+    dtype = cn.amp_dtype(device, cfg["AMP"])
+    network = cn.Stepper(model, cn.build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"])
+    batch = synthetic_batch(cfg["BATCH_SIZE"], cfg["SEED"], device)
+    eval_batch = synthetic_batch(cfg["EVAL_BATCH_SIZE"], cfg["SEED"], device)
+
+    def train_step():  # exactly what torchnet's Engine does per training batch
+        optimizer.zero_grad()
+        loss, _ = network(batch)
+        loss.backward()
+        optimizer.step()
+
+    def eval_step():  # what the test pass does per batch
+        with torch.no_grad():
+            network(eval_batch)
+
+    def with_layer(kind, step):  # the same model, with the compiled or the eager capsule layer
+        def run():
+            model.use_compile(kind == "compiled")
+            step()
+        return run
+
+    if compile_vs_eager:
+        choice = None
+        programs = {kind: StepTimer(model, with_layer(kind, train_step), with_layer(kind, eval_step), device,
+                                    cfg["BENCHMARK_WARMUP"]) for kind in ("compiled", "eager")}
+    else:
+        choice = cn.CompileChoice(model, device, cfg["COMPILE"])
+        model.train()
+        while choice.choice is None:  # COMPILE = "auto": the trainer's trial, on the benchmark's batch
+            choice.before_step()
+            train_step()
+            choice.after_step()
+        programs = {"this": StepTimer(model, train_step, eval_step, device, cfg["BENCHMARK_WARMUP"])}
+    programs.update((kind, w) for kind, w in workers.items() if w.request(None) is not None)  # ready
+    medians = alternate_segments(programs, cfg["BENCHMARK_STEPS"], cfg["BENCHMARK_ROUNDS"])
+    rates = {name: (cfg["BATCH_SIZE"] / m["train"], cfg["EVAL_BATCH_SIZE"] / m["eval"])
+             for name, m in medians.items()}
+    peaks = {kind: w.finish() for kind, w in workers.items() if kind in rates}
+    result = {
+        "device": str(device), "device_name": device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
+        "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
+        "steps": cfg["BENCHMARK_STEPS"], "rounds": cfg["BENCHMARK_ROUNDS"], "warmup": cfg["BENCHMARK_WARMUP"],
+        "statistic": "median step",
+        "peak_memory_mib": round(peak_memory_mib(device), 1),
+        "settings": {"amp": dtype is not None, "compile": "compiled vs eager" if compile_vs_eager else cfg["COMPILE"],
+                     "capsule_layer": choice.choice if choice else "both",
+                     "channels_last": cfg["CHANNELS_LAST"],
+                     "cpu_dft_conv": device.type == "cpu" and cfg["CPU_DFT_CONV"],
+                     "cpu_malloc_tuning": bool(malloc_tuned), "threads": torch.get_num_threads(),
+                     "cudnn_benchmark": device.type == "cuda", "tf32": device.type == "cuda"},
+        "torch": torch.__version__,
+    }
+    print(f"device {result['device_name']}, {result['dtype']}, batch {cfg['BATCH_SIZE']} (eval "
+          f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} "
+          f"warm-up, programs alternating in {cfg['BENCHMARK_ROUNDS']} rounds, torch {torch.__version__}")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items()))
+    labels = {"this": ("this model", ""), "compiled": ("compiled", "this model, compiled capsule layer"),
+              "eager": ("eager", "this model, eager capsule layer"),
+              "direct": ("direct fp32", "CapsuleNet + CapsuleLoss + Adam, own process"),
+              "baseline": ("baseline", "gram-ai-structured, fp32, own process")}
+    for kind in ("this", "compiled", "eager", "direct", "baseline"):
+        if kind not in rates:
+            continue
+        train_ips, eval_ips = rates[kind]
+        prefix = "" if kind == "this" else f"{kind}_"
+        result[f"{prefix}train_images_per_s"] = round(train_ips, 1)
+        result[f"{prefix}eval_images_per_s"] = round(eval_ips, 1)
+        line = f"{labels[kind][0] + ':':12s} train {train_ips:8.1f} images/s   eval {eval_ips:8.1f} images/s   "
+        if kind in workers:
+            result[f"{kind}_peak_memory_mib"] = peaks[kind] and round(peaks[kind], 1)
+            print(line + f"({labels[kind][1]})")
+        else:
+            result[f"{prefix}seconds_per_mnist_epoch"] = round(60000 / train_ips + 10000 / eval_ips, 1)
+            print(line + f"~{60000 / train_ips + 10000 / eval_ips:.1f} s per MNIST epoch (60k train + 10k test)"
+                  + (f", peak memory {result['peak_memory_mib']:.0f} MiB" if kind == "this" else
+                     f" ({labels[kind][1]})"))
+    if compile_vs_eager:
+        (ct, ce), (et, ee) = rates["compiled"], rates["eager"]
+        result.update(compile_train_speedup=round(ct / et, 3), compile_eval_speedup=round(ce / ee, 3))
+        print(f"compiled / eager: train {ct / et:.2f}x   eval {ce / ee:.2f}x")
+    if "baseline" in rates:
+        base_train, base_eval = rates["baseline"]
+        for kind, note in (("this", ""), ("compiled", "compiled_"), ("eager", "eager_"), ("direct", "direct_")):
+            if kind in rates:
+                result.update({f"{note}train_speedup": round(rates[kind][0] / base_train, 2),
+                               f"{note}eval_speedup": round(rates[kind][1] / base_eval, 2)})
+                print(f"{'speed-up:' if kind in ('this', 'compiled') else '':12s} train "
+                      f"{rates[kind][0] / base_train:.2f}x   eval {rates[kind][1] / base_eval:.2f}x   "
+                      f"({labels[kind][0]} / baseline)")
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return f"{model} ({os.cpu_count()} cores)"
+        except (OSError, StopIteration):
+            return "cpu"
+    return device.type
+
+
+# ---- main ----
+def build_parser():
+    parser = cn.OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    cn.add_constant_flags(parser)
+    cn.add_constant_flags(parser, __file__, globals())
+    parser.add_argument("--json", "--benchmark-json", dest="json", metavar="PATH",
+                        help="also write the results as JSON to PATH")
+    parser.add_argument("--compile-vs-eager", action="store_true",
+                        help="time this model with the compiled and with the eager capsule layer, side by side")
+    parser.add_argument("--worker", choices=("baseline", "direct"), help=argparse.SUPPRESS)
+    return parser
+
+
+def make_config(args):
+    """The trainer's constants and this file's, then the flags given."""
+    cfg = dict(cn.default_config(), **{name: globals()[name] for name, _ in cn.constants_table(__file__)})
+    cfg.update({name: getattr(args, name) for name in cfg if getattr(args, name) is not None})
+    cn.validate_config(cfg)
+    for ok, message in ((cfg["BENCHMARK_STEPS"] >= 1, "--benchmark-steps must be >= 1"),
+                        (cfg["BENCHMARK_WARMUP"] >= 0, "--benchmark-warmup must be >= 0"),
+                        (cfg["BENCHMARK_ROUNDS"] >= 1, "--benchmark-rounds must be >= 1")):
+        if not ok:
+            raise cn.UsageError(message)
+    return cfg
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = make_config(args)
+        if args.worker:
+            benchmark_worker(cfg, args.worker)
+        else:
+            run_benchmark(cfg, args.json, args.compile_vs_eager)
+    except cn.UsageError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""COMPILE: the capsule layer's compiled layout, the "auto" choice between the compiled and the
+eager capsule layer, its flags, and what a run records and prints about it."""
+
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import cn, copy_run, describe, load_pt, read_rows, run_script, train_args
+
+
+def test_children_last_layout_is_the_same_routing():
+    """capsule_layer(children_last=True), the layout the compiled version runs, gives the values
+    and gradients of the plain layout and of the literal Procedure 1 over u_hat (fp64)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(10, 24, 16, 8, dtype=torch.float64, generator=g).requires_grad_()
+    u = cn.squash(torch.randn(3, 24, 8, dtype=torch.float64, generator=g)).requires_grad_()
+    results = []
+    for children_last in (False, True):
+        v, c, changes = cn.capsule_layer(W, u, 3, True, children_last=children_last)
+        grads = torch.autograd.grad((v ** 2).sum() + (c ** 3).sum() + changes.sum(), (W, u))
+        results.append((v, c, changes, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    u_hat = torch.einsum("jied,bid->bije", W, u)
+    v_ref, c_ref = cn.dynamic_routing(u_hat, 3)
+    torch.testing.assert_close(results[1][0], v_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[1][1], c_ref, rtol=1e-10, atol=1e-12)
+
+
+class FakeModel:
+    """Records which capsule layer each step ran; its compile may have failed."""
+
+    def __init__(self, failed=False):
+        self.used = []
+        self.compiled = type("Compiled", (), {"failed": failed})()
+
+    def use_compile(self, compiled=True):
+        self.used.append("compiled" if compiled else "eager")
+
+
+class FakeClock:
+    """CompileChoice.clock: a step lasts seconds[kind] of the layer last chosen."""
+
+    def __init__(self, model, seconds):
+        self.model, self.seconds, self.now, self.started = model, seconds, 0.0, False
+
+    def __call__(self):
+        self.started = not self.started
+        if not self.started:  # the end of a step
+            self.now += self.seconds[self.model.used[-1]]
+        return self.now
+
+
+def run_steps(choice, n):
+    for _ in range(n):
+        choice.before_step()
+        choice.after_step()
+
+
+@pytest.mark.parametrize("seconds, expected", [({"compiled": 0.3, "eager": 0.5}, "compiled"),
+                                               ({"compiled": 0.9, "eager": 0.5}, "eager")])
+def test_auto_times_both_layers_in_turn_and_keeps_the_faster(capsys, seconds, expected):
+    """auto: compiled twice and eager once untimed, then 4 timed steps of each in turn; the one
+    with the faster median is used from then on, announced in one line."""
+    model = FakeModel()
+    choice = cn.CompileChoice(model, torch.device("cpu"), "auto")
+    choice.clock = FakeClock(model, seconds)
+    run_steps(choice, 11)
+    assert model.used == ["compiled", "compiled", "eager"] + ["compiled", "eager"] * 4 + [expected]
+    assert choice.choice == expected
+    assert choice.times == {k: [pytest.approx(seconds[k])] * 4 for k in ("compiled", "eager")}
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"compile auto: the {expected} capsule layer is faster")
+    run_steps(choice, 5)  # decided: no more switching, nothing printed
+    assert len(model.used) == 12 and capsys.readouterr().out == ""
+
+
+def test_auto_resumes_an_unfinished_trial_where_it_stopped():
+    """The state saved in a checkpoint mid-trial continues the same schedule in a new run."""
+    seconds = {"compiled": 0.25, "eager": 0.5}  # exact in binary: the summed clock times compare equal
+    whole, first = FakeModel(), FakeModel()
+    uninterrupted = cn.CompileChoice(whole, torch.device("cpu"), "auto")
+    uninterrupted.clock = FakeClock(whole, seconds)
+    run_steps(uninterrupted, 11)
+    before = cn.CompileChoice(first, torch.device("cpu"), "auto")
+    before.clock = FakeClock(first, seconds)
+    run_steps(before, 6)
+    state = before.state()
+    assert state["choice"] is None and state["step"] == 6
+    second = FakeModel()
+    after = cn.CompileChoice(second, torch.device("cpu"), "auto", state)
+    after.clock = FakeClock(second, seconds)
+    run_steps(after, 5)
+    assert first.used + second.used == whole.used
+    assert after.choice == uninterrupted.choice == "compiled" and after.times == uninterrupted.times
+
+
+def test_forced_settings_and_a_decided_state_run_no_trial(capsys):
+    """--compile / --no-compile use that layer from the start; a recorded choice is kept."""
+    for setting, state, expected in ((True, None, "compiled"), (False, None, "eager"),
+                                     ("auto", {"choice": "eager", "step": 11, "times": {}}, "eager")):
+        model = FakeModel()
+        choice = cn.CompileChoice(model, torch.device("cpu"), setting, state)
+        choice.clock = FakeClock(model, {"compiled": 1.0, "eager": 2.0})
+        run_steps(choice, 12)
+        assert model.used == [expected] and choice.choice == expected
+    assert capsys.readouterr().out == ""
+
+
+def test_auto_falls_back_to_eager_when_compiling_failed(capsys):
+    model = FakeModel(failed=True)
+    choice = cn.CompileChoice(model, torch.device("cpu"), "auto")
+    choice.clock = FakeClock(model, {"compiled": 0.1, "eager": 0.5})
+    run_steps(choice, 11)
+    assert choice.choice == "eager" and model.used[-1] == "eager"
+    assert "torch.compile failed" in capsys.readouterr().out
+
+
+def test_compile_flag_values():
+    parser = cn.build_parser()
+    for argv, value in (([], "auto"), (["--compile"], True), (["--no-compile"], False),
+                        (["--compile", "off"], False), (["--compile", "on"], True), (["--compile", "auto"], "auto")):
+        assert cn.make_config(parser.parse_args(argv), None)["COMPILE"] == value, argv
+    done = run_script(["--compile", "sometimes"])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "must be auto, on or off" in lines[0], describe(done)
+
+
+def test_auto_run_records_its_choice_and_a_resumed_run_keeps_it(tiny_mnist, tmp_path):
+    """A tiny run in the default mode (auto): 10 steps an epoch, so epoch 1 is all trial and the
+    choice falls in epoch 2; one line says it; the metrics rows and the checkpoint record it; a
+    resumed run keeps it without a new trial. No compiler chatter reaches stderr."""
+    run = str(tmp_path / "run")
+    done = run_script(train_args(tiny_mnist["root"], run, "--compile", "auto", epochs=2))
+    assert done.returncode == 0, describe(done)
+    announced = re.findall(r"^compile auto: the (compiled|eager) capsule layer is faster", done.stdout, re.M)
+    assert len(announced) == 1, describe(done)
+    rows = read_rows(run)
+    assert [r["compile"] for r in rows] == ["trial", announced[0]]
+    ckpt = load_pt(os.path.join(run, "last.pt"))
+    assert ckpt["compile_choice"]["choice"] == announced[0] and ckpt["compile_choice"]["step"] == 11
+    assert ckpt["config"]["COMPILE"] == "auto"
+    for noise in ("No CUDA runtime", "cpp_extension", "torch._dynamo", "torch._inductor"):
+        assert noise not in done.stderr, describe(done)
+    resumed = run_script(["--resume", os.path.join(copy_run(run, tmp_path / "again"), "last.pt"), "--epochs", "3",
+                          "--no-visdom"])
+    assert resumed.returncode == 0, describe(resumed)
+    assert "compile auto" not in resumed.stdout
+    assert read_rows(str(tmp_path / "again"))[-1]["compile"] == announced[0]
