@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import ctypes
 import functools
+import importlib.util
 import io
 import json
 import logging
@@ -1005,7 +1006,10 @@ def run_visualize(cfg, ckpt):
         written.append(os.path.join(out, f"{name}.png"))
         save_image(figures[name], written[-1])
     rows = read_metrics(out)
-    if rows:
+    if rows and importlib.util.find_spec("matplotlib") is None:
+        print("warning: matplotlib is not installed, so curves.png and routing_logit_change.png are not drawn "
+              "(pip install matplotlib)", file=sys.stderr)
+    elif rows:
         written.append(os.path.join(out, "curves.png"))
         plot_curves_png(rows, written[-1])
         if plot_routing_png(rows, os.path.join(out, "routing_logit_change.png")):

@@ -110,6 +110,18 @@ def test_visualize_writes_the_figures(trained_run, tmp_path):
             assert size == (11 * 29 + 1, 16 * 29 + 1)  # 11 steps across, 16 dimensions down
 
 
+def test_visualize_without_matplotlib_writes_the_rest_and_warns_once(trained_run, tmp_path, monkeypatch, capsys):
+    """Without matplotlib the capsule figures are still written; one warning names what is missing."""
+    run = copy_run(trained_run["dir"], tmp_path / "vis")
+    real_find_spec = cn.importlib.util.find_spec
+    monkeypatch.setattr(cn.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert cn.main(["--visualize", "--resume", os.path.join(run, "last.pt")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: matplotlib is not installed"), err
+    assert os.path.exists(os.path.join(run, "couplings.png")) and not os.path.exists(os.path.join(run, "curves.png"))
+
+
 def test_export_weights_fp16_and_evaluate_them(trained_run, tmp_path):
     """--export-weights writes the model's tensors alone in fp16 with the model's constants (no
     optimizer); --eval-only accepts that file without the architecture flags and writes eval.json."""
