@@ -571,6 +571,53 @@ def to_float_images(images_u8):
     return images_u8.unsqueeze(1).float().div_(255.0)
 
 
+MULTIMNIST_CANVAS = 36  # paper, sec. 6: a 28x28 digit shifted by up to 4 px in a 36x36 image
+
+
+def multimnist_pairs(images, labels, max_shift=4, generator=None, chunk=8192):
+    """MultiMNIST (paper, sec. 6): each image overlaid on a partner of another class.
+
+    images uint8 (N, 28, 28), labels (N,) -> composites uint8 (N, 36, 36), parts uint8
+    (N, 2, 36, 36) and pair_labels int64 (N, 2). Row k pairs image k (part 0, label 0) with a
+    random image of another class from the same tensors (part 1, label 1). Each part is its digit
+    alone in the canvas, at its own random offset of up to `max_shift` pixels in each direction
+    from the centre (zero elsewhere); composites = min(part 0 + part 1, 255), pixel by pixel.
+    All randomness comes from `generator` (on the tensors' device) and is drawn before any image
+    is built, so the result does not depend on `chunk`, the rows built at a time."""
+    N, H, W = images.shape
+    margin = (MULTIMNIST_CANVAS - H) // 2
+    if H != W or not 0 <= max_shift <= margin:
+        raise ValueError(f"multimnist_pairs needs square images of at most {MULTIMNIST_CANVAS - 2 * max_shift} "
+                         f"pixels and 0 <= max_shift <= {margin}")
+    labels = labels.long()
+    if N and (labels == labels[0]).all():
+        raise ValueError("multimnist_pairs needs images of at least two classes")
+    device = images.device
+    partner = torch.randint(0, N, (N,), device=device, generator=generator)
+    while True:  # draw again where the partner has the same class (about 1 row in 10 for MNIST)
+        same = (labels[partner] == labels).nonzero().flatten()
+        if not len(same):
+            break
+        partner[same] = torch.randint(0, N, (len(same),), device=device, generator=generator)
+    shifts = torch.randint(-max_shift, max_shift + 1, (N, 2, 2), device=device, generator=generator)  # (dy, dx)
+    pair = torch.stack([torch.arange(N, device=device), partner], 1)  # (N, 2) source rows
+    parts = torch.empty((N, 2, MULTIMNIST_CANVAS, MULTIMNIST_CANVAS), dtype=torch.uint8, device=device)
+    span = torch.arange(MULTIMNIST_CANVAS, device=device)
+    for start in range(0, N, chunk):
+        rows = slice(start, start + chunk)
+        src = images[pair[rows]]  # (n, 2, H, W)
+        # canvas pixel (y, x) shows source pixel (y - margin - dy, x - margin - dx), where inside it
+        ys = span - margin - shifts[rows, :, 0, None]  # (n, 2, canvas)
+        xs = span - margin - shifts[rows, :, 1, None]
+        inside = ((ys >= 0) & (ys < H))[..., :, None] & ((xs >= 0) & (xs < W))[..., None, :]
+        row = torch.arange(src.shape[0], device=device)[:, None, None, None]
+        which = torch.arange(2, device=device)[None, :, None, None]
+        picked = src[row, which, ys.clamp(0, H - 1)[..., :, None], xs.clamp(0, W - 1)[..., None, :]]
+        parts[rows] = picked * inside
+    composites = (parts[:, 0].int() + parts[:, 1].int()).clamp_(max=255).to(torch.uint8)
+    return composites, parts, labels[pair]
+
+
 # ---- one step: images -> loss and lengths; the compiled-or-eager choice; the meters' inputs ----
 class Stepper:
     """The network callable torchnet's Engine calls: sample -> (loss, lengths).
