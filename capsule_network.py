@@ -465,7 +465,12 @@ def conv2d_dft(x, weight, bias, stride, dtype, weight_f=None):
 
 # ---- loss (eq. 4, sec. 4.1); model, loss and optimizer built from the constants ----
 class CapsuleLoss(nn.Module):
-    """Margin loss (eq. 4) summed over classes + RECON_WEIGHT x summed squared error, batch mean."""
+    """Margin loss (eq. 4) summed over classes + RECON_WEIGHT x summed squared error, batch mean.
+
+    `labels` are class indices (B,), or multi-hot targets (B, J) for images with several digits
+    (MultiMNIST, sec. 6: every class present gets the m+ term). The squared error is summed over
+    everything but the batch dimension, so reconstructions (B, K, ...) against images (B, K, ...),
+    one per digit, add the K digits' errors."""
 
     def __init__(self, m_plus=M_PLUS, m_minus=M_MINUS, lambda_absent=LAMBDA_ABSENT, recon_weight=RECON_WEIGHT):
         super().__init__()
@@ -474,11 +479,23 @@ class CapsuleLoss(nn.Module):
 
     def forward(self, images, labels, lengths, reconstructions):
         lengths = lengths.float()
-        present = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)  # (B, J)
+        if labels.dim() == 1:
+            present = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)  # (B, J)
+        else:
+            present = labels.to(lengths.dtype)  # (B, J), 1 for every class in the image
         margin = (present * F.relu(self.m_plus - lengths) ** 2
                   + self.lambda_absent * (1 - present) * F.relu(lengths - self.m_minus) ** 2).sum(1)
-        error = (reconstructions.float() - images.float()).flatten(1)  # (B, 784)
+        error = (reconstructions.float() - images.float()).flatten(1)  # (B, 784), or (B, K * pixels)
         return (margin + self.recon_weight * (error * error).sum(1)).mean()
+
+
+def two_digit_scores(lengths, pair_labels):
+    """MultiMNIST's measures (sec. 6) from lengths (B, J) and the two labels (B, 2) of each image ->
+    (both, any) boolean (B,): the two longest capsules are exactly the two labels (the paper's
+    score), or at least one of the two labels is among them."""
+    top = lengths.topk(2, dim=1).indices  # (B, 2)
+    hits = (top[:, :, None] == pair_labels[:, None, :]).any(1)  # (B, 2): label found among the top two
+    return hits.all(1), hits.any(1)
 
 
 def build_model(cfg):

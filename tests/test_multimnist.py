@@ -65,3 +65,40 @@ def test_max_shift_zero_centres_every_digit_and_bad_inputs_are_refused():
         cn.multimnist_pairs(images[:1].repeat(5, 1, 1), labels[:1].repeat(5))
     with pytest.raises(ValueError, match="max_shift"):
         cn.multimnist_pairs(images, labels, max_shift=5)
+
+
+def test_margin_loss_with_two_hot_targets_by_hand():
+    """Both classes of an image are present (m+ term), the others absent (lambda x m- term)."""
+    lengths = torch.tensor([[0.95, 0.2, 0.05], [0.5, 0.85, 0.3]])
+    targets = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    loss = cn.CapsuleLoss(recon_weight=0.0)
+    zeros = torch.zeros(2, 1, 2, 2)
+    row0 = 0.0 + (0.9 - 0.2) ** 2 + 0.0  # 0.95 above m+, 0.2 below it; 0.05 below m-
+    row1 = 0.5 * (0.5 - 0.1) ** 2 + (0.9 - 0.85) ** 2 + (0.9 - 0.3) ** 2
+    assert loss(zeros, targets, lengths, zeros).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    # one-hot targets as indices or as a (B, J) matrix give the same loss
+    indices = torch.tensor([0, 1])
+    assert loss(zeros, indices, lengths, zeros).item() == pytest.approx(
+        loss(zeros, torch.nn.functional.one_hot(indices, 3), lengths, zeros).item())
+
+
+def test_reconstruction_errors_of_the_two_digits_add_up():
+    """Reconstructions (B, 2, 1, H, W) against the two parts (B, 2, 1, H, W): the summed squared
+    errors of both digits, times RECON_WEIGHT."""
+    parts = torch.zeros(1, 2, 1, 2, 2)
+    recon = torch.zeros(1, 2, 1, 2, 2)
+    recon[0, 0, 0, 0, 0], recon[0, 1, 0, 1, 1] = 0.5, 0.25
+    loss = cn.CapsuleLoss(m_plus=0.0, m_minus=1.0, recon_weight=0.5)  # margin terms vanish
+    lengths = torch.full((1, 3), 0.5)
+    assert loss(parts, torch.tensor([[1, 1, 0]]), lengths, recon).item() == pytest.approx(0.5 * (0.25 + 0.0625))
+
+
+def test_two_digit_scores_on_hand_made_lengths():
+    lengths = torch.tensor([[0.9, 0.8, 0.1, 0.0],   # top two {0, 1}: both right
+                            [0.9, 0.1, 0.8, 0.0],   # {0, 2} against {0, 1}: one right
+                            [0.1, 0.2, 0.9, 0.8],   # {2, 3} against {0, 1}: none
+                            [0.2, 0.9, 0.1, 0.8]])  # {1, 3} against {3, 1}: both, in the other order
+    pair_labels = torch.tensor([[0, 1], [0, 1], [0, 1], [3, 1]])
+    both, any_ = cn.two_digit_scores(lengths, pair_labels)
+    assert both.tolist() == [True, False, False, True]
+    assert any_.tolist() == [True, True, False, True]
