@@ -336,14 +336,22 @@ class CapsuleNet(nn.Module):
         out = self.decoder(masked)
         return out.reshape(-1, 1, self.image_size, self.image_size)
 
-    def forward(self, images, labels=None):
+    def forward(self, images, labels=None, digits=1):
         """images (B, 1, 28, 28) in [0, 1] -> (lengths (B, J), reconstructions (B, 1, 28, 28)).
 
-        The decoder sees the capsule of `labels` when given (training), else the longest one."""
+        The decoder sees the capsule of `labels` when given (training), else the longest one.
+        Images of several digits (MultiMNIST, sec. 6): `labels` (B, K), one class per digit, or
+        without labels the `digits` longest capsules; the decoder then runs once per digit, masked
+        by that digit's capsule alone, and the reconstructions are (B, K, 1, H, W)."""
         v, _ = self.capsules(images)
         lengths = torch.sqrt((v * v).sum(-1) + 1e-12)  # (B, J): class scores, no softmax
-        classes = labels if labels is not None else lengths.argmax(dim=1)
-        return lengths, self.decode(v, classes)
+        if labels is not None:
+            classes = labels
+        else:
+            classes = lengths.argmax(dim=1) if digits == 1 else lengths.topk(digits, dim=1).indices
+        if classes.dim() == 1:
+            return lengths, self.decode(v, classes)
+        return lengths, torch.stack([self.decode(v, classes[:, k]) for k in range(classes.shape[1])], 1)
 
 
 # ---- the PrimaryCaps convolution on the CPU: the same function, computed faster ----

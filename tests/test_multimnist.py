@@ -102,3 +102,24 @@ def test_two_digit_scores_on_hand_made_lengths():
     both, any_ = cn.two_digit_scores(lengths, pair_labels)
     assert both.tolist() == [True, False, False, True]
     assert any_.tolist() == [True, True, False, True]
+
+
+def test_the_decoder_runs_once_per_digit_masked_by_that_digits_capsule():
+    """At 36x36 the PrimaryCaps grid is 10x10 (3,200 capsules); with two labels per image the
+    reconstructions are (B, 2, 1, 36, 36), each the decoder of that digit's capsule alone; without
+    labels, the two longest capsules are decoded."""
+    torch.manual_seed(0)
+    model = cn.CapsuleNet(16, 4, decoder_hidden=(32, 64), image_size=36).eval()
+    assert model.grid == 10 and model.num_primary == 4 * 10 * 10
+    x = torch.rand(3, 1, 36, 36)
+    pair = torch.tensor([[1, 7], [0, 3], [9, 2]])
+    with torch.no_grad():
+        lengths, recon = model(x, pair)
+        v, _ = model.capsules(x)
+        assert recon.shape == (3, 2, 1, 36, 36)
+        for k in range(2):
+            torch.testing.assert_close(recon[:, k], model.decode(v, pair[:, k]))
+        lengths, predicted = model(x, digits=2)
+        top = lengths.topk(2, dim=1).indices
+        for k in range(2):
+            torch.testing.assert_close(predicted[:, k], model.decode(v, top[:, k]))
