@@ -110,11 +110,15 @@ class StepTimer:
         return times
 
 
-def synthetic_batch(batch_size, seed, device):
+def synthetic_batch(batch_size, seed, device, dataset="mnist"):
+    """Random uint8 images and labels of the data set's kind: (images, labels), or for multimnist
+    (36x36 composites, pair labels, parts) made by multimnist_pairs from random digits."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch_size, 28, 28), dtype=torch.uint8, generator=g).to(device)
-    labels = torch.randint(0, 10, (batch_size,), generator=g).to(device)
-    return images, labels
+    images = torch.randint(0, 256, (batch_size, 28, 28), dtype=torch.uint8, generator=g)
+    if dataset == "multimnist":
+        composites, parts, pair_labels = cn.multimnist_pairs(images, torch.arange(batch_size) % 10, generator=g)
+        return composites.to(device), pair_labels.to(device), parts.to(device)
+    return images.to(device), torch.randint(0, 10, (batch_size,), generator=g).to(device)
 
 
 def peak_memory_mib(device):
@@ -229,14 +233,16 @@ def alternate_segments(programs, steps, rounds):
 def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     device, malloc_tuned = cn.prepare(cfg)
     workers = {}
-    if cfg["BENCHMARK_BASELINE"]:  # they start (and warm up) while this process warms up
+    if cfg["BENCHMARK_BASELINE"] and cfg["DATASET"] != "mnist":
+        print(f"note: the baseline and direct programs are MNIST-shaped; {cfg['DATASET']} is timed alone")
+    elif cfg["BENCHMARK_BASELINE"]:  # they start (and warm up) while this process warms up
         workers = {kind: WorkerProgram(cfg, kind) for kind in ("direct", "baseline")}
     model = cn.place_model(cn.build_model(cfg), cfg, device)
     optimizer = cn.build_optimizer(model, cfg)
     dtype = cn.amp_dtype(device, cfg["AMP"])
     network = cn.Stepper(model, cn.build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"])
-    batch = synthetic_batch(cfg["BATCH_SIZE"], cfg["SEED"], device)
-    eval_batch = synthetic_batch(cfg["EVAL_BATCH_SIZE"], cfg["SEED"], device)
+    batch = synthetic_batch(cfg["BATCH_SIZE"], cfg["SEED"], device, cfg["DATASET"])
+    eval_batch = synthetic_batch(cfg["EVAL_BATCH_SIZE"], cfg["SEED"], device, cfg["DATASET"])
 
     def train_step():  # exactly what torchnet's Engine does per training batch
         optimizer.zero_grad()
@@ -276,6 +282,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     peaks = {kind: w.finish() for kind, w in workers.items() if kind in rates}
     result = {
         "device": str(device), "device_name": device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
+        "dataset": cfg["DATASET"], "input": f"{model.image_size}x{model.image_size}",
         "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
         "steps": cfg["BENCHMARK_STEPS"], "rounds": cfg["BENCHMARK_ROUNDS"], "warmup": cfg["BENCHMARK_WARMUP"],
         "statistic": "median step",
@@ -288,7 +295,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
                      "cudnn_benchmark": device.type == "cuda", "tf32": device.type == "cuda"},
         "torch": torch.__version__,
     }
-    print(f"device {result['device_name']}, {result['dtype']}, batch {cfg['BATCH_SIZE']} (eval "
+    print(f"device {result['device_name']}, {result['dtype']}, {cfg['DATASET']} {result['input']}, "
+          f"batch {cfg['BATCH_SIZE']} (eval "
           f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} "
           f"warm-up, programs alternating in {cfg['BENCHMARK_ROUNDS']} rounds, torch {torch.__version__}")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items()))
@@ -309,7 +317,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
             print(line + f"({labels[kind][1]})")
         else:
             result[f"{prefix}seconds_per_mnist_epoch"] = round(60000 / train_ips + 10000 / eval_ips, 1)
-            print(line + f"~{60000 / train_ips + 10000 / eval_ips:.1f} s per MNIST epoch (60k train + 10k test)"
+            print(line + f"~{60000 / train_ips + 10000 / eval_ips:.1f} s per epoch of 60k training and 10k test "
+                         f"{'pairs' if cfg['DATASET'] == 'multimnist' else 'images'}"
                   + (f", peak memory {result['peak_memory_mib']:.0f} MiB" if kind == "this" else
                      f" ({labels[kind][1]})"))
     if compile_vs_eager:
@@ -360,7 +369,9 @@ def build_parser():
 def make_config(args):
     """The trainer's constants and this file's, then the flags given."""
     cfg = dict(cn.default_config(), **{name: globals()[name] for name, _ in cn.constants_table(__file__)})
-    cfg.update({name: getattr(args, name) for name in cfg if getattr(args, name) is not None})
+    explicit = {name: getattr(args, name) for name in cfg if getattr(args, name) is not None}
+    cfg.update(cn.DATASETS.get(explicit.get("DATASET", cfg["DATASET"]), {}).get("settings", {}))
+    cfg.update(explicit)
     cn.validate_config(cfg)
     for ok, message in ((cfg["BENCHMARK_STEPS"] >= 1, "--benchmark-steps must be >= 1"),
                         (cfg["BENCHMARK_WARMUP"] >= 0, "--benchmark-warmup must be >= 0"),

@@ -52,10 +52,13 @@ import torch.nn.functional as F
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
 # data
+DATASET = "mnist"  # mnist, or multimnist: two overlapping MNIST digits per image, made on the device (sec. 6)
 DATA_DIR = "data"  # torchvision MNIST root: files live in DATA_DIR/MNIST/raw
 TRAIN_SIZE = 0  # use the first N training images; 0 = all 60,000
 TEST_SIZE = 0  # use the first N test images; 0 = all 10,000
-MAX_SHIFT = 2  # random shift of up to this many pixels per image, training only (paper, sec. 5)
+MAX_SHIFT = 2  # random shift of up to this many pixels per image, training only (paper, sec. 5; not multimnist)
+MULTIMNIST_SHIFT = 4  # multimnist: each digit of a pair shifted by up to this many pixels in the 36x36 image
+MULTIMNIST_TEST_PAIRS = 1  # multimnist: fixed test images per MNIST test digit (the paper made 1,000)
 # model, as in the paper (sec. 4, Fig. 1 and 2)
 CONV1_CHANNELS = 256  # Conv1 filters, 9x9, stride 1 (paper, sec. 4)
 PRIMARY_CAPS = 32  # primary capsule types (channels of 8-D capsules) on the 6x6 grid
@@ -109,6 +112,20 @@ PRESETS = {
     # between epochs at 69% of the rate) and from XifengGuo's x0.9 per epoch over 50 epochs.
     "mnist-2h": {"EPOCHS": 30, "LR_DECAY": 0.88},
 }
+
+MULTIMNIST_CANVAS = 36  # paper, sec. 6: a 28x28 digit shifted by up to 4 px in a 36x36 image
+
+# What each data set is, and the paper's settings for it: they replace the constants above when
+# that data set is chosen (printed at start; a flag given explicitly still wins).
+DATASETS = {
+    "mnist": {"image_size": 28, "digits": 1, "settings": {}},
+    # MultiMNIST (sec. 6): 36x36 images of two digits, so Conv1 is 28x28 and PrimaryCaps a 10x10 grid
+    # of 3,200 capsules. The paper decays the learning rate with a 10x longer period because its
+    # set is larger: here an epoch is one pair per MNIST training digit, so 0.96 per epoch becomes
+    # 0.96 ** 0.1 = 0.996 per epoch. No extra shift: the pairs' own shifts are the augmentation.
+    "multimnist": {"image_size": MULTIMNIST_CANVAS, "digits": 2, "settings": {"LR_DECAY": 0.996, "MAX_SHIFT": 0}},
+}
+MULTIMNIST_TEST_SEED = 20171026  # the fixed test pairs are drawn from this seed, whatever SEED is
 
 # lr_decay_note: the paper only says "exponentially decaying learning rate". The authors'
 # released code multiplies it by 0.96 every 2000 steps (about 0.988 per epoch at batch 100),
@@ -497,6 +514,15 @@ class CapsuleLoss(nn.Module):
         return (margin + self.recon_weight * (error * error).sum(1)).mean()
 
 
+def matched_predictions(lengths, pair_labels):
+    """The two longest capsules (B, 2), ordered to match pair_labels (B, 2): position k holds label k
+    where that label is among the two, else the other predicted class -> (classes (B, 2), swapped
+    (B,) bool: the order is the reverse of the lengths' order)."""
+    top = lengths.topk(2, dim=1).indices  # (B, 2), longest first
+    swapped = (top[:, 0] == pair_labels[:, 1]) | (top[:, 1] == pair_labels[:, 0])
+    return torch.where(swapped[:, None], top.flip(1), top), swapped
+
+
 def two_digit_scores(lengths, pair_labels):
     """MultiMNIST's measures (sec. 6) from lengths (B, J) and the two labels (B, 2) of each image ->
     (both, any) boolean (B,): the two longest capsules are exactly the two labels (the paper's
@@ -507,9 +533,11 @@ def two_digit_scores(lengths, pair_labels):
 
 
 def build_model(cfg):
+    """CapsuleNet from the constants, for the input size of cfg's data set."""
     return CapsuleNet(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
                       cfg["NUM_CLASSES"], cfg["KERNEL_SIZE"], cfg["ROUTING_ITERATIONS"], cfg["W_INIT_STD"],
                       (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
+                      image_size=DATASETS[cfg["DATASET"]]["image_size"],
                       dft_conv=cfg["CPU_DFT_CONV"], gemm_weight_grad=cfg["CPU_GEMM_WEIGHT_GRAD"],
                       cpu_malloc_tuning=cfg["CPU_MALLOC_TUNING"])
 
@@ -561,9 +589,14 @@ class DeviceBatches:
     def __init__(self, images, labels, batch_size, shuffle):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle = batch_size, shuffle
+        self.rows = len(labels)
 
     def __len__(self):
         return math.ceil(len(self.labels) / self.batch_size)
+
+    def take(self, n):
+        """The first n images and labels."""
+        return self.images[:n], self.labels[:n]
 
     def __iter__(self):
         n = len(self.labels)
@@ -596,7 +629,42 @@ def to_float_images(images_u8):
     return images_u8.unsqueeze(1).float().div_(255.0)
 
 
-MULTIMNIST_CANVAS = 36  # paper, sec. 6: a 28x28 digit shifted by up to 4 px in a 36x36 image
+def multimnist_draw(labels, max_shift=4, generator=None):
+    """The random part of MultiMNIST (sec. 6): for each row k, a partner of another class and the two
+    digits' offsets. labels (N,) -> sources int64 (N, 2) (rows [k, partner]) and shifts int64
+    (N, 2, 2) ((dy, dx) of each digit, each in [-max_shift, max_shift]), on the labels' device,
+    from `generator` (None: torch's default generator of that device)."""
+    labels = labels.long()
+    N, device = len(labels), labels.device
+    if N and (labels == labels[0]).all():
+        raise ValueError("multimnist_pairs needs images of at least two classes")
+    partner = torch.randint(0, N, (N,), device=device, generator=generator)
+    while True:  # draw again where the partner has the same class (about 1 row in 10 for MNIST)
+        same = (labels[partner] == labels).nonzero().flatten()
+        if not len(same):
+            break
+        partner[same] = torch.randint(0, N, (len(same),), device=device, generator=generator)
+    shifts = torch.randint(-max_shift, max_shift + 1, (N, 2, 2), device=device, generator=generator)
+    return torch.stack([torch.arange(N, device=device), partner], 1), shifts
+
+
+def multimnist_compose(images, sources, shifts):
+    """MultiMNIST images from drawn rows: images uint8 (N, H, W), sources (n, 2), shifts (n, 2, 2) ->
+    composites uint8 (n, 36, 36) and parts uint8 (n, 2, 36, 36): each part is its digit alone,
+    offset by its shift from the centre of the canvas; composite = min(part 0 + part 1, 255)."""
+    n, (_, H, W), device = len(sources), images.shape, images.device
+    margin = (MULTIMNIST_CANVAS - H) // 2
+    span = torch.arange(MULTIMNIST_CANVAS, device=device)
+    src = images[sources]  # (n, 2, H, W)
+    # canvas pixel (y, x) shows source pixel (y - margin - dy, x - margin - dx), where that is inside it
+    ys = span - margin - shifts[:, :, 0, None]  # (n, 2, canvas)
+    xs = span - margin - shifts[:, :, 1, None]
+    inside = ((ys >= 0) & (ys < H))[..., :, None] & ((xs >= 0) & (xs < W))[..., None, :]
+    row = torch.arange(n, device=device)[:, None, None, None]
+    which = torch.arange(2, device=device)[None, :, None, None]
+    parts = src[row, which, ys.clamp(0, H - 1)[..., :, None], xs.clamp(0, W - 1)[..., None, :]] * inside
+    composites = (parts[:, 0].int() + parts[:, 1].int()).clamp_(max=255).to(torch.uint8)
+    return composites, parts
 
 
 def multimnist_pairs(images, labels, max_shift=4, generator=None, chunk=8192):
@@ -614,39 +682,107 @@ def multimnist_pairs(images, labels, max_shift=4, generator=None, chunk=8192):
     if H != W or not 0 <= max_shift <= margin:
         raise ValueError(f"multimnist_pairs needs square images of at most {MULTIMNIST_CANVAS - 2 * max_shift} "
                          f"pixels and 0 <= max_shift <= {margin}")
-    labels = labels.long()
-    if N and (labels == labels[0]).all():
-        raise ValueError("multimnist_pairs needs images of at least two classes")
-    device = images.device
-    partner = torch.randint(0, N, (N,), device=device, generator=generator)
-    while True:  # draw again where the partner has the same class (about 1 row in 10 for MNIST)
-        same = (labels[partner] == labels).nonzero().flatten()
-        if not len(same):
-            break
-        partner[same] = torch.randint(0, N, (len(same),), device=device, generator=generator)
-    shifts = torch.randint(-max_shift, max_shift + 1, (N, 2, 2), device=device, generator=generator)  # (dy, dx)
-    pair = torch.stack([torch.arange(N, device=device), partner], 1)  # (N, 2) source rows
-    parts = torch.empty((N, 2, MULTIMNIST_CANVAS, MULTIMNIST_CANVAS), dtype=torch.uint8, device=device)
-    span = torch.arange(MULTIMNIST_CANVAS, device=device)
-    for start in range(0, N, chunk):
-        rows = slice(start, start + chunk)
-        src = images[pair[rows]]  # (n, 2, H, W)
-        # canvas pixel (y, x) shows source pixel (y - margin - dy, x - margin - dx), where inside it
-        ys = span - margin - shifts[rows, :, 0, None]  # (n, 2, canvas)
-        xs = span - margin - shifts[rows, :, 1, None]
-        inside = ((ys >= 0) & (ys < H))[..., :, None] & ((xs >= 0) & (xs < W))[..., None, :]
-        row = torch.arange(src.shape[0], device=device)[:, None, None, None]
-        which = torch.arange(2, device=device)[None, :, None, None]
-        picked = src[row, which, ys.clamp(0, H - 1)[..., :, None], xs.clamp(0, W - 1)[..., None, :]]
-        parts[rows] = picked * inside
-    composites = (parts[:, 0].int() + parts[:, 1].int()).clamp_(max=255).to(torch.uint8)
-    return composites, parts, labels[pair]
+    sources, shifts = multimnist_draw(labels, max_shift, generator)
+    built = [multimnist_compose(images, sources[k:k + chunk], shifts[k:k + chunk]) for k in range(0, N, chunk)]
+    composites = torch.cat([c for c, _ in built]) if built else images.new_zeros((0, MULTIMNIST_CANVAS) * 2)
+    parts = torch.cat([p for _, p in built]) if built else images.new_zeros((0, 2) + (MULTIMNIST_CANVAS,) * 2)
+    return composites, parts, labels.long()[sources]
+
+
+class PairBatches:
+    """MultiMNIST batches, composed on the device as they are used: (composites uint8 (B, 36, 36),
+    pair_labels (B, 2), parts uint8 (B, 2, 36, 36)). Made from the digits of one MNIST split.
+
+    Training (`fixed` False) draws new partners and shifts at every pass, from torch's default
+    generator of the device, and visits the rows in a new order: that generator's state is saved in
+    every checkpoint, so a resumed run draws what the uninterrupted run would. A test set (`fixed`
+    True) draws `repeats` rows per digit once, on the CPU from MULTIMNIST_TEST_SEED: the same pairs
+    in every epoch, every run, on every device."""
+
+    def __init__(self, images, labels, batch_size, max_shift, fixed, repeats=1):
+        self.images, self.digit_labels = images, labels.long()
+        self.batch_size, self.max_shift, self.fixed = batch_size, max_shift, fixed
+        self.rows = len(labels) * (repeats if fixed else 1)
+        self.table = None
+        if fixed:
+            generator = torch.Generator().manual_seed(MULTIMNIST_TEST_SEED)
+            drawn = [multimnist_draw(self.digit_labels.cpu(), max_shift, generator) for _ in range(repeats)]
+            self.table = tuple(torch.cat(t).to(images.device) for t in zip(*drawn))
+
+    def __len__(self):
+        return math.ceil(self.rows / self.batch_size)
+
+    def rows_at(self, idx, table):
+        sources, shifts = table[0][idx], table[1][idx]
+        composites, parts = multimnist_compose(self.images, sources, shifts)
+        return composites, self.digit_labels[sources], parts
+
+    def take(self, n):
+        """The first n test rows (or of a fresh training draw)."""
+        table = self.table or multimnist_draw(self.digit_labels, self.max_shift)
+        return self.rows_at(slice(0, n), table)
+
+    def __iter__(self):
+        if self.fixed:
+            table, order = self.table, None
+        else:
+            table = multimnist_draw(self.digit_labels, self.max_shift)
+            order = torch.randperm(self.rows, device=self.digit_labels.device)
+        for start in range(0, self.rows, self.batch_size):
+            idx = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
+            yield self.rows_at(idx, table)
+
+
+class Data:
+    """A data set as the trainer uses it: training and test batches on the device (DeviceBatches or
+    PairBatches), its name, image size and digits per image."""
+
+    def __init__(self, name, train, test):
+        self.name, self.train, self.test = name, train, test
+        self.image_size, self.digits = DATASETS[name]["image_size"], DATASETS[name]["digits"]
+
+    def describe(self):
+        if self.digits == 1:
+            sizes = f"{self.train.rows:,} training and " if self.train else ""
+            return f"{sizes}{self.test.rows:,} test images"
+        sizes = f"{self.train.rows:,} training pairs (new partners and shifts every epoch) and " if self.train else ""
+        return f"{sizes}{self.test.rows:,} fixed test pairs"
+
+
+def load_data(cfg, device, train=True):
+    """cfg's data set on `device` -> Data (without training batches if not `train`)."""
+    splits = {}
+    for split in ("train", "test") if train else ("test",):
+        limit = cfg["TRAIN_SIZE"] if split == "train" else cfg["TEST_SIZE"]
+        images, labels = (t.to(device) for t in load_mnist(cfg["DATA_DIR"], split == "train", limit))
+        batch_size = cfg["BATCH_SIZE"] if split == "train" else cfg["EVAL_BATCH_SIZE"]
+        if cfg["DATASET"] == "mnist":
+            splits[split] = DeviceBatches(images, labels, batch_size, shuffle=split == "train")
+            continue
+        if len(labels) and (labels == labels[0]).all():
+            raise UsageError(f"multimnist needs {split} digits of at least two classes; the first "
+                             f"{len(labels)} are all {int(labels[0])} (raise --{split}-size)")
+        splits[split] = PairBatches(images, labels, batch_size, cfg["MULTIMNIST_SHIFT"], fixed=split == "test",
+                                    repeats=cfg["MULTIMNIST_TEST_PAIRS"])
+    return Data(cfg["DATASET"], splits.get("train"), splits["test"])
+
+
+def model_line(model, device, dtype, data):
+    """The start-up line: the model, the device and the data."""
+    return (f"CapsNet: {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
+            f"({'bf16 autocast' if dtype else 'fp32'}); {data.name}: {data.describe()}, "
+            f"{data.image_size}x{data.image_size} input, {model.grid}x{model.grid} grid of "
+            f"{model.num_primary:,} primary capsules, {model.num_classes} classes")
 
 
 # ---- one step: images -> loss and lengths; the compiled-or-eager choice; the meters' inputs ----
 class Stepper:
     """The network callable torchnet's Engine calls: sample -> (loss, lengths).
 
+    A sample is (images uint8 (B, H, W), labels (B,)), or for MultiMNIST (composites, pair labels
+    (B, 2), parts uint8 (B, 2, H, W)): then the decoder runs once per digit, masked by that digit's
+    capsule (in training the labels', at test the two longest, matched to the labels by
+    matched_predictions), and each reconstruction is compared with its own digit's image.
     Training images get their per-image random shift here, on the device; test images never do."""
 
     def __init__(self, model, loss_fn, device, dtype, max_shift, channels_last):
@@ -655,7 +791,7 @@ class Stepper:
         self.max_shift, self.channels_last = max_shift, channels_last
 
     def __call__(self, sample):
-        images_u8, labels = sample
+        images_u8, labels, *parts = sample
         training = self.model.training  # the mode is the model's: model.train() / model.eval()
         images = to_float_images(images_u8)
         if training:
@@ -663,9 +799,18 @@ class Stepper:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.dtype):
-            lengths, recon = self.model(images, labels if training else None)
-        loss = self.loss_fn(images, labels, lengths, recon)
-        return loss, lengths.detach()
+            if not parts:
+                lengths, recon = self.model(images, labels if training else None)
+            else:
+                lengths, recon = self.model(images, labels if training else None, digits=labels.shape[1])
+        if not parts:
+            return self.loss_fn(images, labels, lengths, recon), lengths.detach()
+        if not training:  # the reconstruction matched to label k compared with part k
+            _, swapped = matched_predictions(lengths.detach(), labels)
+            recon = torch.where(swapped[:, None, None, None, None], recon.flip(1), recon)
+        present = F.one_hot(labels, lengths.shape[1]).sum(1)  # (B, J): both classes present
+        targets = parts[0].unsqueeze(2).float().div_(255.0)  # (B, 2, 1, H, W)
+        return self.loss_fn(targets, present, lengths, recon), lengths.detach()
 
 
 class CompileChoice:
@@ -731,9 +876,34 @@ class CompileChoice:
               f"{torch.__version__}); it is used from now on", flush=True)
 
 
+def pass_meters(num_classes, digits=1):
+    """The torchnet meters of one pass: loss, accuracy and confusion; for two-digit images the
+    accuracy is both digits right (the paper's MultiMNIST score) and accuracy_any at least one."""
+    from torchnet import meter
+
+    meters = {"loss": meter.AverageValueMeter(), "confusion": meter.ConfusionMeter(num_classes)}
+    if digits == 1:
+        meters["accuracy"] = meter.ClassErrorMeter(accuracy=True)
+    else:
+        meters["accuracy"], meters["accuracy_any"] = meter.AverageValueMeter(), meter.AverageValueMeter()
+    return meters
+
+
+def meter_values(meters):
+    """{loss, accuracy[, accuracy_any]} of a pass's meters, accuracies in %."""
+    values = {"loss": float(meters["loss"].value()[0])}
+    accuracy = meters["accuracy"].value()
+    values["accuracy"] = float(accuracy[0])  # ClassErrorMeter: [top-1]; AverageValueMeter: (mean, std)
+    if "accuracy_any" in meters:
+        values["accuracy_any"] = float(meters["accuracy_any"].value()[0])
+    return values
+
+
 class PassStats:
     """Loss sum, correct count and per-batch outputs of one pass, kept on the device (no sync per
-    batch); handed to the torchnet meters once, at the end of the pass."""
+    batch); handed to the torchnet meters once, at the end of the pass. With pair labels (B, 2)
+    "correct" is both digits right, "correct_any" at least one, and the confusion counts each
+    label against the capsule matched to it (matched_predictions)."""
 
     def __init__(self, device):
         self.device = device
@@ -742,53 +912,63 @@ class PassStats:
     def reset(self):
         self.loss_sum = torch.zeros((), device=self.device)
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.correct_any = torch.zeros((), device=self.device, dtype=torch.long)
         self.count = 0
         self.batch_losses, self.batch_sizes, self.outputs, self.targets = [], [], [], []
 
     def add(self, loss, lengths, labels):
         n = labels.shape[0]
         self.loss_sum += loss.detach() * n
-        self.correct += (lengths.argmax(1) == labels).sum()
         self.count += n
         self.batch_losses.append(loss.detach())
         self.batch_sizes.append(n)
-        self.outputs.append(lengths.float())
-        self.targets.append(labels)
+        if labels.dim() == 1:
+            self.correct += (lengths.argmax(1) == labels).sum()
+            self.outputs.append(lengths.float())
+            self.targets.append(labels)
+        else:
+            both, any_right = two_digit_scores(lengths, labels)
+            self.correct += both.sum()
+            self.correct_any += any_right.sum()
+            self.outputs.append(matched_predictions(lengths, labels)[0].flatten())
+            self.targets.append(labels.flatten())
 
     def totals(self):
         """(loss sum, correct count, images) so far: one device sync."""
         loss, correct = torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype)]).tolist()
         return loss, correct, self.count
 
-    def feed(self, loss_meter, acc_meter, conf_meter):
+    def feed(self, meters):
+        """Hand the pass to pass_meters() meters."""
         if not self.count:
             return
         for loss, n in zip(torch.stack(self.batch_losses).tolist(), self.batch_sizes):
-            loss_meter.add(loss * n, n)  # AverageValueMeter.add(sum, n) keeps the per-image mean
+            meters["loss"].add(loss * n, n)  # AverageValueMeter.add(sum, n) keeps the per-image mean
         outputs, targets = torch.cat(self.outputs).cpu(), torch.cat(self.targets).cpu()
-        acc_meter.add(outputs, targets)
-        conf_meter.add(outputs, targets)
+        meters["confusion"].add(outputs, targets)
+        if "accuracy_any" in meters:
+            correct, correct_any = torch.stack([self.correct, self.correct_any]).tolist()
+            meters["accuracy"].add(100.0 * correct, self.count)
+            meters["accuracy_any"].add(100.0 * correct_any, self.count)
+        else:
+            meters["accuracy"].add(outputs, targets)
 
 
 # ---- the epoch loop: torchnet's Engine and its hooks, checkpoints every epoch, resume ----
 class Trainer:
     """torchnet Engine with named hooks: a train pass per epoch, then a test pass, logs, checkpoint."""
 
-    def __init__(self, cfg, device, model, optimizer, scheduler, train_data, test_data, start_epoch=0,
-                 best_accuracy=None, compile_state=None):
-        from torchnet import meter
+    def __init__(self, cfg, device, model, optimizer, scheduler, data, start_epoch=0, best_accuracy=None,
+                 compile_state=None):
         from torchnet.engine import Engine
 
         self.cfg, self.device, self.model = cfg, device, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dtype = amp_dtype(device, cfg["AMP"])
         self.network = Stepper(model, build_loss(cfg), device, self.dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"])
-        self.train_batches = DeviceBatches(*train_data, cfg["BATCH_SIZE"], shuffle=True)
-        self.test_batches = DeviceBatches(*test_data, cfg["EVAL_BATCH_SIZE"], shuffle=False)
-        self.test_images, self.test_labels = test_data
+        self.data, self.train_batches, self.test_batches = data, data.train, data.test
         self.start_epoch, self.best_accuracy = start_epoch, best_accuracy
-        self.meters = {mode: (meter.AverageValueMeter(), meter.ClassErrorMeter(accuracy=True),
-                              meter.ConfusionMeter(cfg["NUM_CLASSES"])) for mode in ("train", "test")}
+        self.meters = {mode: pass_meters(cfg["NUM_CLASSES"], data.digits) for mode in ("train", "test")}
         self.stats = PassStats(device)
         self.compile_choice = CompileChoice(model, device, cfg["COMPILE"], compile_state)
         self.visdom = VisdomPlots(cfg)
@@ -819,8 +999,7 @@ class Trainer:
             self.compile_choice.before_step()
 
     def on_forward(self, state):
-        _, labels = state["sample"]
-        self.stats.add(state["loss"], state["output"], labels)
+        self.stats.add(state["loss"], state["output"], state["sample"][1])
         self.tick(state["epoch"] if state["train"] else None)
 
     def on_update(self, state):
@@ -841,7 +1020,7 @@ class Trainer:
 
     # helpers used by the hooks
     def reset_pass(self, mode):
-        for m in self.meters[mode]:
+        for m in self.meters[mode].values():
             m.reset()
         self.stats.reset()
         self.batch_in_pass = 0
@@ -871,7 +1050,7 @@ class Trainer:
                                          100.0 * (correct - last_correct) / (count - last_count))
 
     def finish_pass(self, mode):
-        self.stats.feed(*self.meters[mode])
+        self.stats.feed(self.meters[mode])
         self.bar.close()
 
     def evaluate(self):
@@ -885,19 +1064,24 @@ class Trainer:
         return time.perf_counter() - started
 
     def metrics_row(self, epoch, lr, train_seconds, test_seconds, changes):
-        (train_loss, _), train_acc, _ = (m.value() for m in self.meters["train"])
-        (test_loss, _), test_acc, _ = (m.value() for m in self.meters["test"])
-        return {"epoch": epoch, "lr": lr, "train_loss": float(train_loss), "train_accuracy": train_acc[0],
-                "test_loss": float(test_loss), "test_accuracy": test_acc[0],
-                "train_seconds": round(train_seconds, 3), "test_seconds": round(test_seconds, 3),
-                "train_images_per_s": round(len(self.train_batches.labels) / train_seconds, 1),
-                "routing_logit_change": changes, "compile": self.compile_choice.choice or "trial"}
+        """One metrics.jsonl row. For two-digit images train_accuracy and test_accuracy are both
+        digits right (the paper's score), and *_accuracy_any at least one."""
+        row = {"epoch": epoch, "lr": lr}
+        for mode in ("train", "test"):
+            row.update({f"{mode}_{k}": v for k, v in meter_values(self.meters[mode]).items()})
+        row.update({"train_seconds": round(train_seconds, 3), "test_seconds": round(test_seconds, 3),
+                    "train_images_per_s": round(self.train_batches.rows / train_seconds, 1),
+                    "routing_logit_change": changes, "compile": self.compile_choice.choice or "trial"})
+        return row
 
     def end_epoch(self, state, row):
         epoch = state["epoch"]
+        both = " (both digits)" if "test_accuracy_any" in row else ""
+        anyone = f", at least one {row['test_accuracy_any']:.2f}%" if both else ""
         print(f"epoch {epoch}/{state['maxepoch']}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f} "
-              f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2f}%  "
-              f"({row['train_seconds']:.1f}s + {row['test_seconds']:.1f}s)", flush=True)
+              f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc{both} "
+              f"{row['test_accuracy']:.2f}%{anyone}  ({row['train_seconds']:.1f}s + {row['test_seconds']:.1f}s)",
+              flush=True)
         is_best = self.best_accuracy is None or row["test_accuracy"] > self.best_accuracy
         if is_best:
             self.best_accuracy = row["test_accuracy"]
@@ -921,17 +1105,22 @@ class Trainer:
     def log_visdom(self, epoch, row):
         from torchvision.utils import make_grid
 
-        n = min(self.cfg["RECON_IMAGES"], len(self.test_labels))
+        n = min(self.cfg["RECON_IMAGES"], self.test_batches.rows)
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.dtype):
-            images = to_float_images(self.test_images[:n])
-            _, recon = self.model(images)
-        grid = make_grid(torch.cat([images, recon.float()]).cpu(), nrow=n, padding=2, pad_value=0.5)
-        figures = None
-        if self.cfg["VISUALIZE_EVERY_EPOCH"]:
-            figures = visual_figures(self.model, self.test_images, self.test_labels, self.cfg["NUM_CLASSES"])
-        confusion = self.meters["test"][2].value()
-        self.visdom.log_epoch(epoch, row, confusion, grid, figures)
+        figures = caption = None
+        if self.data.digits == 1:
+            test_images, test_labels = self.test_batches.take(self.test_batches.rows)
+            with torch.no_grad(), autocast(self.device, self.dtype):
+                images = to_float_images(test_images[:n])
+                _, recon = self.model(images)
+            grid = make_grid(torch.cat([images, recon.float()]).cpu(), nrow=n, padding=2, pad_value=0.5)
+            if self.cfg["VISUALIZE_EVERY_EPOCH"]:
+                figures = visual_figures(self.model, test_images, test_labels, self.cfg["NUM_CLASSES"])
+        else:  # Fig. 5 is the reconstruction window of two-digit images
+            tiles = fig5_tiles(self.model, *self.test_batches.take(n)[:2])
+            grid, caption = tiles["grid"], fig5_caption(tiles)
+        confusion = self.meters["test"]["confusion"].value()
+        self.visdom.log_epoch(epoch, row, confusion, grid, figures, caption)
 
     def train(self, epochs):
         self.engine.train(self.network, self.train_batches, epochs, self.optimizer)
@@ -991,8 +1180,7 @@ def run_training(cfg, ckpt):
     if ckpt is None:
         cfg["RUN_DIR"] = fresh_run_dir(cfg["RUN_DIR"])
     os.makedirs(cfg["RUN_DIR"], exist_ok=True)
-    train_data = [t.to(device) for t in load_mnist(cfg["DATA_DIR"], True, cfg["TRAIN_SIZE"])]
-    test_data = [t.to(device) for t in load_mnist(cfg["DATA_DIR"], False, cfg["TEST_SIZE"])]
+    data = load_data(cfg, device)
     model = place_model(build_model(cfg), cfg, device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg["LR_DECAY"])
@@ -1009,53 +1197,56 @@ def run_training(cfg, ckpt):
         truncate_metrics(cfg["RUN_DIR"], start_epoch)
         print(f"resumed from epoch {start_epoch} (best test accuracy so far {best:.2f}%) in {cfg['RUN_DIR']}")
     dtype = amp_dtype(device, cfg["AMP"])
-    if preset_line(cfg):
-        print(preset_line(cfg))
-    print(f"CapsNet: {sum(p.numel() for p in model.parameters()):,} parameters on {device}"
-          f" ({'bf16 autocast' if dtype else 'fp32'}), {len(train_data[1]):,} training and "
-          f"{len(test_data[1]):,} test images, seed {cfg['SEED']}, run dir {cfg['RUN_DIR']}")
+    for line in (dataset_line(cfg), preset_line(cfg)):
+        if line:
+            print(line)
+    print(f"{model_line(model, device, dtype, data)}; seed {cfg['SEED']}, run dir {cfg['RUN_DIR']}")
     if start_epoch >= cfg["EPOCHS"]:
         print(f"nothing to do: the checkpoint is at epoch {start_epoch} and --epochs is {cfg['EPOCHS']}")
         return
     compile_state = ckpt.get("compile_choice") if ckpt is not None else None
-    trainer = Trainer(cfg, device, model, optimizer, scheduler, train_data, test_data, start_epoch, best,
-                      compile_state)
+    trainer = Trainer(cfg, device, model, optimizer, scheduler, data, start_epoch, best, compile_state)
     trainer.train(cfg["EPOCHS"])
 
 
 # ---- the other modes: --eval-only, --visualize, --export-weights ----
 def run_eval(cfg, ckpt):
-    from torchnet import meter
-
     device, _ = prepare(cfg)
-    test_images, test_labels = (t.to(device) for t in load_mnist(cfg["DATA_DIR"], False, cfg["TEST_SIZE"]))
+    data = load_data(cfg, device, train=False)
     model = place_model(build_model(cfg), cfg, device)
     load_weights(model, ckpt["model"])
     dtype = amp_dtype(device, cfg["AMP"])
     network = Stepper(model, build_loss(cfg), device, dtype, 0, cfg["CHANNELS_LAST"])
-    stats = PassStats(device)
-    loss_meter, acc_meter = meter.AverageValueMeter(), meter.ClassErrorMeter(accuracy=True)
-    conf_meter = meter.ConfusionMeter(cfg["NUM_CLASSES"])
+    stats, meters = PassStats(device), pass_meters(cfg["NUM_CLASSES"], data.digits)
     model.eval()
     started = time.perf_counter()
     with torch.no_grad():
-        for images, labels in DeviceBatches(test_images, test_labels, cfg["EVAL_BATCH_SIZE"], shuffle=False):
-            loss, lengths = network((images, labels))
-            stats.add(loss, lengths, labels)
+        for sample in data.test:
+            loss, lengths = network(sample)
+            stats.add(loss, lengths, sample[1])
     sync(device)
     seconds = time.perf_counter() - started
-    stats.feed(loss_meter, acc_meter, conf_meter)
-    result = {"test_accuracy": acc_meter.value()[0], "test_loss": float(loss_meter.value()[0]),
-              "test_images": len(test_labels), "seconds": round(seconds, 3), "device": str(device),
+    stats.feed(meters)
+    values = meter_values(meters)
+    result = {"dataset": data.name, "test_accuracy": values["accuracy"], "test_loss": values["loss"],
+              "test_images": data.test.rows, "seconds": round(seconds, 3), "device": str(device),
               "dtype": "bf16" if dtype else "fp32", "checkpoint_epoch": ckpt.get("epoch")}
-    print(f"test accuracy {result['test_accuracy']:.2f}%  test loss {result['test_loss']:.4f}  "
-          f"({len(test_labels):,} images, {seconds:.1f}s)")
-    print("confusion matrix (rows: true class, columns: predicted):")
-    for k, counts in enumerate(conf_meter.value()):
+    if data.digits == 1:
+        print(f"test accuracy {result['test_accuracy']:.2f}%  test loss {result['test_loss']:.4f}  "
+              f"({data.test.rows:,} images, {seconds:.1f}s)")
+        print("confusion matrix (rows: true class, columns: predicted):")
+    else:
+        result["test_accuracy_any"] = values["accuracy_any"]
+        print(f"{data.name}: both digits right {result['test_accuracy']:.2f}% (error "
+              f"{100 - result['test_accuracy']:.2f}%), at least one right {result['test_accuracy_any']:.2f}%  "
+              f"test loss {result['test_loss']:.4f}  ({data.test.rows:,} pairs, {seconds:.1f}s)")
+        print("confusion matrix of the digits (rows: true class, columns: the capsule matched to it):")
+    confusion = meters["confusion"].value()
+    for k, counts in enumerate(confusion):
         print(f"  {k}: " + " ".join(f"{int(c):5d}" for c in counts))
     os.makedirs(cfg["RUN_DIR"], exist_ok=True)
     with open(os.path.join(cfg["RUN_DIR"], "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(result, confusion=conf_meter.value().tolist()), f, indent=1)
+        json.dump(dict(result, confusion=confusion.tolist()), f, indent=1)
     return result
 
 
@@ -1063,20 +1254,29 @@ def run_visualize(cfg, ckpt):
     from torchvision.utils import save_image
 
     device, _ = prepare(cfg)
-    test_images, test_labels = (t.to(device) for t in load_mnist(cfg["DATA_DIR"], False, cfg["TEST_SIZE"]))
+    data = load_data(cfg, device, train=False)
     model = build_model(cfg).to(device)
     load_weights(model, ckpt["model"])
     out = cfg["RUN_DIR"]
     os.makedirs(out, exist_ok=True)
-    figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"])
-    _, digit_labels = one_per_class(test_images, test_labels, cfg["NUM_CLASSES"])
     written = []
-    for grid, label in zip(figures["fig4_per_digit"], digit_labels.tolist()):
-        written.append(os.path.join(out, f"fig4_digit{label}.png"))
-        save_image(grid, written[-1])
-    for name in ("class_masks", "couplings"):
-        written.append(os.path.join(out, f"{name}.png"))
-        save_image(figures[name], written[-1])
+    if data.digits == 1:
+        test_images, test_labels = data.test.take(data.test.rows)
+        figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"])
+        _, digit_labels = one_per_class(test_images, test_labels, cfg["NUM_CLASSES"])
+        for grid, label in zip(figures["fig4_per_digit"], digit_labels.tolist()):
+            written.append(os.path.join(out, f"fig4_digit{label}.png"))
+            save_image(grid, written[-1])
+        for name in ("class_masks", "couplings"):
+            written.append(os.path.join(out, f"{name}.png"))
+            save_image(figures[name], written[-1])
+    else:  # Fig. 5: pairs of the fixed test set and their reconstructions
+        written.append(os.path.join(out, "fig5.png"))
+        tiles = fig5_tiles(model, *data.test.take(min(cfg["RECON_IMAGES"], data.test.rows))[:2])
+        if importlib.util.find_spec("matplotlib") is None:
+            save_image(tiles["grid"], written[-1])  # the same tiles, without the labels written on them
+        else:
+            plot_fig5_png(tiles, written[-1])
     rows = read_metrics(out)
     if rows and importlib.util.find_spec("matplotlib") is None:
         print("warning: matplotlib is not installed, so curves.png and routing_logit_change.png are not drawn "
@@ -1090,7 +1290,7 @@ def run_visualize(cfg, ckpt):
     return written
 
 
-MODEL_KEYS = ("CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
+MODEL_KEYS = ("DATASET", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
               "ROUTING_ITERATIONS", "W_INIT_STD", "DECODER_HIDDEN1", "DECODER_HIDDEN2", "M_PLUS", "M_MINUS",
               "LAMBDA_ABSENT", "RECON_WEIGHT")  # what an exported model carries: its shape and loss
 
@@ -1123,6 +1323,10 @@ def visdom_reachable(server, port, timeout=1.0):
         return False
 
 
+FIG5_TITLE = ("Fig. 5: test pairs (top), reconstructions from the two longest capsules, red = first label, "
+              "green = second (middle), red = first label, green = a class not present (bottom)")
+
+
 class VisdomPlots:
     """Live plots through torchnet's Visdom loggers. Checked once at start; if the server is not
     there, or stops answering later, one warning line and training goes on without it."""
@@ -1138,9 +1342,10 @@ class VisdomPlots:
             return
         from torchnet.logger import VisdomLogger, VisdomPlotLogger
 
-        def plot(title, ylabel):
+        def plot(title, ylabel, caption=None, markers=True):
             return VisdomPlotLogger("line", env=env, port=port, server=server, win=f"{env}_{title}",
-                                    opts=dict(title=title, xlabel="epoch", ylabel=ylabel, markers=True, markersize=6))
+                                    opts=dict(title=caption or title, xlabel="epoch", ylabel=ylabel,
+                                              markers=markers, markersize=6))
 
         def window(kind, title, **opts):
             return VisdomLogger(kind, env=env, port=port, server=server, win=f"{env}_{title}",
@@ -1152,19 +1357,17 @@ class VisdomPlots:
                 self.accuracy = plot("accuracy", "accuracy (%)")
                 self.lr = plot("learning rate", "learning rate")
                 self.routing = plot("routing logit change", "mean |change of b_ij|")
-                every = cfg["PROGRESS_EVERY"]
-                self.live_loss = VisdomPlotLogger(
-                    "line", env=env, port=port, server=server, win=f"{env}_training loss, live",
-                    opts=dict(title=f"training loss, live (mean of every {every} batches)", xlabel="epoch",
-                              ylabel="loss"))
-                self.live_accuracy = VisdomPlotLogger(
-                    "line", env=env, port=port, server=server, win=f"{env}_training accuracy, live",
-                    opts=dict(title=f"training accuracy, live (mean of every {every} batches)", xlabel="epoch",
-                              ylabel="accuracy (%)"))
+                every = f"mean of every {cfg['PROGRESS_EVERY']} batches"
+                self.live_loss = plot("training loss, live", "loss", f"training loss, live ({every})", False)
+                self.live_accuracy = plot("training accuracy, live", "accuracy (%)",
+                                          f"training accuracy, live ({every})", False)
                 labels = [str(k) for k in range(cfg["NUM_CLASSES"])]
                 self.confusion = window("heatmap", "confusion matrix (test)", columnnames=labels,
                                         rownames=labels, xlabel="predicted", ylabel="true")
-                self.recon = window("image", "test images (top) and reconstructions (bottom)")
+                if DATASETS[cfg["DATASET"]]["digits"] == 1:
+                    self.recon = window("image", "test images (top) and reconstructions (bottom)")
+                else:
+                    self.recon = window("image", FIG5_TITLE)
                 self.fig4 = window("image", "Fig. 4: each of the 16 dimensions perturbed by -0.25..0.25")
                 self.masks = window("image", "reconstruction under every class mask (rows: digits, cols: masks)")
                 self.couplings = window("image", "couplings c_ij of one test image (per class: 32 types x 6x6; "
@@ -1207,18 +1410,23 @@ class VisdomPlots:
         except Exception as e:  # a server that went away: warn once, keep training
             self._fail(e)
 
-    def log_epoch(self, epoch, row, confusion, recon_grid, figures=None):
+    def log_epoch(self, epoch, row, confusion, recon_grid, figures=None, recon_caption=None):
         if not self.enabled:
             return
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 self._lines(self.loss, epoch, {"train": row["train_loss"], "test": row["test_loss"]})
-                self._lines(self.accuracy, epoch, {"train": row["train_accuracy"], "test": row["test_accuracy"]})
+                accuracy = {"train": row["train_accuracy"], "test": row["test_accuracy"]}
+                if "test_accuracy_any" in row:  # two-digit images: train and test are both digits right
+                    accuracy["test, at least one digit"] = row["test_accuracy_any"]
+                self._lines(self.accuracy, epoch, accuracy)
                 self._lines(self.lr, epoch, {"lr": row["lr"]})
                 if row.get("routing_logit_change"):
                     self._lines(self.routing, epoch, {f"iteration {k + 1}": value for k, value in
                                                       enumerate(row["routing_logit_change"])})
                 self.confusion.log(confusion)
+                if recon_caption:
+                    self.recon.opts = dict(self.recon.opts, caption=recon_caption)
                 self.recon.log(recon_grid.numpy())
                 if figures:
                     self.fig4.log(figures["fig4"].numpy())
@@ -1296,6 +1504,66 @@ def visual_figures(model, images_u8, labels, num_classes):
         "couplings": make_grid(torch.stack(panels), nrow=5, padding=6, pad_value=1.0),
         "coupling_maps": maps,
     }
+
+
+@torch.no_grad()
+def fig5_tiles(model, composites_u8, pair_labels):
+    """Fig. 5 (sec. 6) for two-digit images: composites uint8 (N, H, W), labels (N, 2) -> dict of
+    'inputs', 'recon' and 'forced' (N, 3, H, W) RGB in [0, 1] (CPU), 'labels' and 'predicted' (N, 2),
+    'absent' (N,) and 'grid' (all tiles, one column per image). recon overlays the decoder's output
+    from the two longest capsules, matched to the labels: red for the first label's digit, green
+    for the second's. forced is the paper's "*" column: red from the first label's capsule, green
+    from the longest capsule of a class that is neither a label nor predicted."""
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    model.eval()
+    images = to_float_images(composites_u8)
+    v, _ = model.capsules(images)  # (N, J, E)
+    lengths = (v * v).sum(-1)
+    predicted, _ = matched_predictions(lengths, pair_labels)
+    taken = F.one_hot(torch.cat([pair_labels, predicted], 1), v.shape[1]).sum(1) > 0  # (N, J)
+    absent = lengths.masked_fill(taken, -1.0).argmax(1)  # (N,)
+
+    def overlay(red, green):
+        rg = torch.cat([model.decode(v, red), model.decode(v, green)], 1).float()  # (N, 2, H, W)
+        return torch.cat([rg, torch.zeros_like(rg[:, :1])], 1).cpu()  # (N, 3, H, W)
+
+    tiles = {"inputs": images.repeat(1, 3, 1, 1).cpu(), "recon": overlay(predicted[:, 0], predicted[:, 1]),
+             "forced": overlay(pair_labels[:, 0], absent)}
+    model.train(was_training)
+    grid = make_grid(torch.cat([tiles["inputs"], tiles["recon"], tiles["forced"]]), nrow=len(images), padding=2,
+                     pad_value=0.5)
+    return dict(tiles, grid=grid, labels=pair_labels.cpu(), predicted=predicted.cpu(), absent=absent.cpu())
+
+
+def fig5_caption(tiles):
+    """The paper's L:(labels) R:(reconstructed) pairs of fig5_tiles(), column by column."""
+    return "  ".join(f"L:({a},{b}) R:({c},{d})" for (a, b), (c, d) in
+                     zip(tiles["labels"].tolist(), tiles["predicted"].tolist()))
+
+
+def plot_fig5_png(tiles, path):
+    """fig5_tiles() as a labelled picture (matplotlib): per image, L:(labels) above the input,
+    R:(predicted) above the red/green reconstruction, R:(label, *absent) above the forced one."""
+    from matplotlib.figure import Figure
+
+    n = len(tiles["labels"])
+    fig = Figure(figsize=(1.1 * n + 0.4, 4.0), dpi=120, layout="constrained")
+    axes = fig.subplots(3, n, squeeze=False)
+    for k in range(n):
+        (a, b), (c, d) = tiles["labels"][k].tolist(), tiles["predicted"][k].tolist()
+        titles = (f"L:({a},{b})", f"R:({c},{d})", f"R:({a},*{int(tiles['absent'][k])})")
+        for row, (name, title) in enumerate(zip(("inputs", "recon", "forced"), titles)):
+            ax = axes[row, k]
+            ax.imshow(tiles[name][k].permute(1, 2, 0).numpy(), interpolation="nearest")
+            wrong = row == 1 and (c, d) != (a, b)
+            ax.set_title(title, fontsize=8, color="tab:red" if wrong else "black")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("Fig. 5: input (top); reconstructions from the two longest capsules, red = first label's digit, "
+                 "green = second's (middle); * = from a class not in the image (bottom)", fontsize=8)
+    fig.savefig(path)
 
 
 def plot_curves_png(rows, path):
@@ -1515,6 +1783,7 @@ def default_config():
 def validate_config(cfg):
     """Raise UsageError naming the first constant with an impossible value."""
     checks = [
+        (cfg["DATASET"] in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, not {cfg['DATASET']!r}"),
         (cfg["DEVICE"] in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
         (cfg["COMPILE"] in ("auto", True, False), "--compile must be auto, on or off"),
         (cfg["EPOCHS"] >= 0, "--epochs must be >= 0"),
@@ -1525,6 +1794,11 @@ def validate_config(cfg):
         (cfg["TRAIN_SIZE"] >= 0, "--train-size must be >= 0 (0 = all)"),
         (cfg["TEST_SIZE"] >= 0, "--test-size must be >= 0 (0 = all)"),
         (0 <= cfg["MAX_SHIFT"] < 14, "--max-shift must be in [0, 13]"),
+        (cfg["DATASET"] != "multimnist" or cfg["MAX_SHIFT"] == 0,
+         "--max-shift does not apply to multimnist (its digits are shifted by --multimnist-shift): leave it 0"),
+        (0 <= cfg["MULTIMNIST_SHIFT"] <= (MULTIMNIST_CANVAS - 28) // 2,
+         f"--multimnist-shift must be in [0, {(MULTIMNIST_CANVAS - 28) // 2}] (a 28x28 digit in a 36x36 image)"),
+        (cfg["MULTIMNIST_TEST_PAIRS"] >= 1, "--multimnist-test-pairs must be >= 1"),
         (cfg["ROUTING_ITERATIONS"] >= 1, "--routing-iterations must be >= 1"),
         (min(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
              cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]) >= 1, "layer sizes must be >= 1"),
@@ -1582,7 +1856,7 @@ def add_constant_flags(parser, path=__file__, values=None):
 def build_parser():
     parser = OneLineParser(
         prog="capsule_network.py",
-        description="Train, evaluate or visualise CapsNet (Sabour et al., 2017) on MNIST.",
+        description="Train, evaluate or visualise CapsNet (Sabour et al., 2017) on MNIST or MultiMNIST.",
     )
     add_constant_flags(parser)
     parser.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (last.pt, best.pt)")
@@ -1604,6 +1878,11 @@ def make_config(args, ckpt):
     flags given on the command line."""
     cfg = default_config()
     explicit = {name: getattr(args, name) for name in cfg if getattr(args, name) is not None}
+    saved = ckpt.get("config", {}) if ckpt is not None else {}
+    dataset = explicit.get("DATASET", saved.get("DATASET", cfg["DATASET"]))
+    if dataset not in DATASETS:
+        raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, not {dataset!r}")
+    cfg.update(DATASETS[dataset]["settings"])  # the data set's own settings replace the constants
     if ckpt is not None and "config" in ckpt:
         training = "optimizer" in ckpt  # a training checkpoint, not exported weights
         cfg.update({k: v for k, v in ckpt["config"].items() if k in cfg and (training or k in MODEL_KEYS)})
@@ -1618,13 +1897,25 @@ def make_config(args, ckpt):
     return cfg
 
 
+def settings_line(title, values, cfg, whose):
+    """'TITLE: K=V, ...' with the values in force (an explicit flag may have changed one)."""
+    return f"{title}: " + ", ".join(
+        f"{k}={cfg[k]}" + ("" if cfg[k] == v else f" ({whose} {v}, overridden)") for k, v in values.items())
+
+
 def preset_line(cfg):
-    """'preset NAME: K=V, ...' with the values in force (an explicit flag may have changed one)."""
+    """'preset NAME: K=V, ...', or None without a preset."""
     if not cfg["PRESET"]:
         return None
-    values = PRESETS.get(cfg["PRESET"], {})
-    return f"preset {cfg['PRESET']}: " + ", ".join(
-        f"{k}={cfg[k]}" + ("" if cfg[k] == v else f" (the preset's {v}, overridden)") for k, v in values.items())
+    return settings_line(f"preset {cfg['PRESET']}", PRESETS.get(cfg["PRESET"], {}), cfg, "the preset's")
+
+
+def dataset_line(cfg):
+    """'data set NAME: K=V, ...' for a data set with settings of its own, else None."""
+    values = DATASETS[cfg["DATASET"]]["settings"]
+    if not values:
+        return None
+    return settings_line(f"data set {cfg['DATASET']} (the paper's settings for it)", values, cfg, "its")
 
 
 def main(argv=None):

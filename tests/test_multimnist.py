@@ -1,9 +1,13 @@
-"""multimnist_pairs: the paper's MultiMNIST examples (sec. 6), built from MNIST-like tensors."""
+"""MultiMNIST (paper, sec. 6): the pairs, the two-digit loss and scores, the decoder per digit, and
+`--dataset multimnist` through the command line (training, exact resume, --eval-only, Fig. 5)."""
+
+import json
+import os
 
 import pytest
 import torch
 
-from conftest import cn, make_digits
+from conftest import cn, copy_run, describe, load_pt, make_digits, read_rows, run_script, train_args
 
 
 def digits(n=60, seed=1):
@@ -123,3 +127,163 @@ def test_the_decoder_runs_once_per_digit_masked_by_that_digits_capsule():
         top = lengths.topk(2, dim=1).indices
         for k in range(2):
             torch.testing.assert_close(predicted[:, k], model.decode(v, top[:, k]))
+
+
+def test_matched_predictions_order_the_two_longest_capsules_like_the_labels():
+    """Position k holds label k where that label is among the two longest capsules, else the other
+    predicted class; `swapped` says the order is the reverse of the lengths' order."""
+    lengths = torch.zeros(5, 10)
+    lengths[0, [3, 5]] = torch.tensor([0.9, 0.8])  # labels (3, 5): in order
+    lengths[1, [3, 5]] = torch.tensor([0.8, 0.9])  # labels (3, 5): the longest is the second label
+    lengths[2, [5, 7]] = torch.tensor([0.9, 0.8])  # labels (3, 5): only 5 found, as the longest
+    lengths[3, [3, 7]] = torch.tensor([0.7, 0.9])  # labels (3, 5): only 3 found, second longest
+    lengths[4, [1, 2]] = torch.tensor([0.9, 0.8])  # labels (3, 5): neither
+    labels = torch.tensor([[3, 5]] * 5)
+    classes, swapped = cn.matched_predictions(lengths, labels)
+    assert classes.tolist() == [[3, 5], [3, 5], [7, 5], [3, 7], [1, 2]]
+    assert swapped.tolist() == [False, True, True, True, False]
+
+
+def test_the_fixed_test_pairs_do_not_depend_on_the_seed_or_the_pass():
+    """PairBatches(fixed=True): the same pairs in every pass and whatever torch's generators did
+    before; `repeats` rows per digit; training batches are new pairs at every pass, drawn from
+    torch's default generator (so a restored RNG state draws them again)."""
+    images, labels = digits(60)
+    torch.manual_seed(1)
+    a = cn.PairBatches(images, labels, 25, 4, fixed=True, repeats=2)
+    torch.manual_seed(2)
+    b = cn.PairBatches(images, labels, 25, 4, fixed=True, repeats=2)
+    assert a.rows == 120 and len(a) == 5
+    first, again, other = list(a), list(a), list(b)
+    for x, y, z in zip(first, again, other):
+        for p, q, r in zip(x, y, z):
+            assert torch.equal(p, q) and torch.equal(p, r)
+    composites, pair_labels, parts = (torch.cat(t) for t in zip(*first))
+    assert composites.shape == (120, 36, 36) and parts.shape == (120, 2, 36, 36)
+    assert torch.equal(pair_labels[:60, 0], labels) and torch.equal(pair_labels[60:, 0], labels)
+    assert not torch.equal(composites[:60], composites[60:])  # the second repeat has other partners
+    assert torch.equal(composites, (parts[:, 0].int() + parts[:, 1].int()).clamp(max=255).to(torch.uint8))
+
+    train = cn.PairBatches(images, labels, 25, 4, fixed=False)
+    torch.manual_seed(5)
+    one = [t.clone() for t in next(iter(train))]
+    two = next(iter(train))
+    torch.manual_seed(5)
+    three = next(iter(train))
+    assert not torch.equal(one[0], two[0])
+    assert all(torch.equal(p, q) for p, q in zip(one, three))
+
+
+def test_the_test_loss_compares_each_reconstruction_with_its_own_digit():
+    """At test time the Stepper reconstructs from the two longest capsules and compares the one
+    matched to label k (matched_predictions) with part k. The decoder is replaced by one that
+    paints class c as the flat image c / 10, so the loss can be written down by hand."""
+    torch.manual_seed(0)
+    images, labels = digits(20)
+    composites, parts, pair_labels = cn.multimnist_pairs(images, labels, generator=torch.Generator().manual_seed(0))
+    model = cn.CapsuleNet(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), image_size=36).eval()
+    model.decode = lambda v, classes: (classes.float() / 10)[:, None, None, None].expand(-1, 1, 36, 36)
+    step = cn.Stepper(model, cn.CapsuleLoss(), torch.device("cpu"), None, 0, False)
+    with torch.no_grad():
+        loss, lengths = step((composites, pair_labels, parts))
+    matched, _ = cn.matched_predictions(lengths, pair_labels)
+    present = torch.zeros(20, 10).scatter_(1, pair_labels, 1.0)
+    margin = (present * (0.9 - lengths).clamp(min=0) ** 2
+              + 0.5 * (1 - present) * (lengths - 0.1).clamp(min=0) ** 2).sum(1)
+    error = ((matched.float() / 10)[:, :, None, None] - parts.float() / 255) ** 2  # (20, 2, 36, 36)
+    expected = (margin + 0.0005 * error.sum((1, 2, 3))).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_fig5_tiles_overlay_the_two_reconstructions_in_red_and_green():
+    """fig5_tiles: grey inputs; red and green channels are the decoder's outputs from the capsules
+    matched to the two labels; the forced column uses a class that is neither label nor predicted."""
+    torch.manual_seed(0)
+    images, labels = digits(20)
+    composites, _, pair_labels = cn.multimnist_pairs(images, labels, generator=torch.Generator().manual_seed(0))
+    model = cn.CapsuleNet(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), image_size=36).eval()
+    tiles = cn.fig5_tiles(model, composites[:6], pair_labels[:6])
+    x = cn.to_float_images(composites[:6])
+    assert torch.equal(tiles["inputs"], x.repeat(1, 3, 1, 1))
+    with torch.no_grad():
+        v, _ = model.capsules(x)
+        red = model.decode(v, tiles["predicted"][:, 0])
+    torch.testing.assert_close(tiles["recon"][:, :1], red)
+    assert (tiles["recon"][:, 2] == 0).all() and (tiles["forced"][:, 2] == 0).all()
+    for k in range(6):
+        assert int(tiles["absent"][k]) not in pair_labels[k].tolist() + tiles["predicted"][k].tolist()
+    assert tiles["grid"].shape[0] == 3 and tiles["grid"].shape[1] == 3 * 36 + 4 * 2
+    assert cn.fig5_caption(tiles).count("L:(") == 6
+
+
+@pytest.fixture(scope="module")
+def pair_run(tiny_mnist, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("multimnist") / "run")
+    done = run_script(train_args(tiny_mnist["root"], run_dir, "--dataset", "multimnist", epochs=2))
+    assert done.returncode == 0, describe(done)
+    return {"dir": run_dir, "process": done, "data": tiny_mnist}
+
+
+def test_a_multimnist_run_reports_both_scores(pair_run):
+    """--dataset multimnist: exit 0, the data set's settings and the 36x36 model announced, and
+    metrics rows with test_accuracy (both digits right) <= test_accuracy_any (at least one)."""
+    out = pair_run["process"].stdout
+    assert "data set multimnist (the paper's settings for it): LR_DECAY=0.996, MAX_SHIFT=0" in out
+    assert "200 training pairs" in out and "100 fixed test pairs" in out and "10x10 grid of 400 primary" in out
+    rows = read_rows(pair_run["dir"])
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        for mode in ("train", "test"):
+            assert 0 <= row[f"{mode}_accuracy"] <= row[f"{mode}_accuracy_any"] <= 100
+    assert rows[1]["lr"] == pytest.approx(1e-3 * 0.996)
+    assert load_pt(os.path.join(pair_run["dir"], "last.pt"))["config"]["DATASET"] == "multimnist"
+
+
+def test_a_multimnist_run_resumes_exactly(pair_run, tmp_path):
+    """--resume continues with the same training pairs as an uninterrupted run: epoch 3 agrees."""
+    resumed = copy_run(pair_run["dir"], tmp_path / "resumed")
+    done = run_script(["--resume", os.path.join(resumed, "last.pt"), "--epochs", 3])
+    assert done.returncode == 0, describe(done)
+    straight = str(tmp_path / "straight")
+    done = run_script(train_args(pair_run["data"]["root"], straight, "--dataset", "multimnist", epochs=3))
+    assert done.returncode == 0, describe(done)
+    a, b = read_rows(resumed), read_rows(straight)
+    assert [r["epoch"] for r in a] == [1, 2, 3]
+    for key in ("train_loss", "train_accuracy", "train_accuracy_any", "test_loss", "test_accuracy",
+                "test_accuracy_any"):
+        assert a[2][key] == pytest.approx(b[2][key], rel=1e-6), key
+    ra, rb = load_pt(os.path.join(resumed, "last.pt")), load_pt(os.path.join(straight, "last.pt"))
+    for name in ra["model"]:
+        torch.testing.assert_close(ra["model"][name], rb["model"][name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_eval_only_and_visualize_on_the_fixed_test_pairs(pair_run, tmp_path):
+    """--eval-only scores the same test pairs as the training run's last epoch (another process);
+    --visualize writes fig5.png."""
+    run = copy_run(pair_run["dir"], tmp_path / "run")
+    done = run_script(["--resume", os.path.join(run, "last.pt"), "--eval-only"])
+    assert done.returncode == 0, describe(done)
+    assert "both digits right" in done.stdout and "at least one right" in done.stdout
+    with open(os.path.join(run, "eval.json"), encoding="utf-8") as f:
+        result = json.load(f)
+    last = read_rows(run)[-1]
+    assert result["dataset"] == "multimnist" and result["test_images"] == 100
+    assert result["test_accuracy"] == pytest.approx(last["test_accuracy"], abs=1e-9)
+    assert result["test_accuracy_any"] == pytest.approx(last["test_accuracy_any"], abs=1e-9)
+    assert result["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+    assert sum(map(sum, result["confusion"])) == 200  # both digits of every test pair
+    done = run_script(["--resume", os.path.join(run, "last.pt"), "--visualize", "--recon-images", 4])
+    assert done.returncode == 0, describe(done)
+    assert os.path.getsize(os.path.join(run, "fig5.png")) > 1000
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--dataset", "cifar100"], "--dataset must be one of mnist, multimnist, not 'cifar100'"),
+    (["--dataset", "multimnist", "--max-shift", "2"], "--max-shift does not apply to multimnist"),
+    (["--dataset", "multimnist", "--multimnist-shift", "5"], "--multimnist-shift must be in [0, 4]"),
+    (["--dataset", "multimnist", "--multimnist-test-pairs", "0"], "--multimnist-test-pairs must be >= 1"),
+])
+def test_bad_multimnist_settings_are_one_line_errors(argv, fragment, tmp_path):
+    done = run_script(["--run-dir", tmp_path / "run", "--no-visdom", *argv])
+    assert done.returncode == 2 and fragment in done.stderr, describe(done)
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

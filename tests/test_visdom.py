@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import N_TEST, SCRIPT, describe, read_rows, run_script, train_args
+from conftest import N_TEST, SCRIPT, cn, describe, read_rows, run_script, train_args
 
 ENV = "testenv"
 pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
@@ -93,15 +93,15 @@ def logged_run(visdom_server, tiny_mnist, tmp_path_factory):
 _clients = {}
 
 
-def window(port, title):
-    """The JSON of window f"{ENV}_{title}" as the server holds it."""
+def window(port, title, env=ENV):
+    """The JSON of window f"{env}_{title}" as the server holds it."""
     import visdom
 
     if port not in _clients:
         _clients[port] = visdom.Visdom(server="http://127.0.0.1", port=port, use_incoming_socket=False,
                                        raise_exceptions=True)
-    text = _clients[port].get_window_data(win=f"{ENV}_{title}", env=ENV)
-    assert text, f"no window {ENV}_{title!r} in env {ENV!r}"
+    text = _clients[port].get_window_data(win=f"{env}_{title}", env=env)
+    assert text, f"no window {env}_{title!r} in env {env!r}"
     return json.loads(text)
 
 
@@ -238,6 +238,26 @@ def test_capsule_figures_are_sent_every_epoch(logged_run, title):
     """With VISUALIZE_EVERY_EPOCH the Fig. 4, class-mask and coupling images are in Visdom."""
     img = png_of(window(logged_run["port"], title))
     assert min(img.size) > 28
+
+
+def test_a_multimnist_run_sends_fig5_and_the_at_least_one_digit_score(visdom_server, tiny_mnist, tmp_path):
+    """--dataset multimnist: Fig. 5 (16 test pairs over their red/green reconstructions and the
+    forced "*" row, captioned with labels and predictions) replaces the reconstruction window, and
+    the accuracy window has a series for at least one digit right."""
+    run_dir = str(tmp_path / "run")
+    args = [a for a in train_args(tiny_mnist["root"], run_dir, "--dataset", "multimnist", epochs=1)
+            if a != "--no-visdom"]
+    done = run_script(args + ["--visdom-server", "127.0.0.1", "--visdom-port", visdom_server,
+                              "--visdom-env", "testpairs"])
+    assert done.returncode == 0, describe(done)
+    assert visdom_warnings(done.stderr) == [] and "Traceback" not in done.stderr
+    row = read_rows(run_dir)[-1]
+    series = traces(window(visdom_server, "accuracy", "testpairs"))
+    assert series["test, at least one digit"]["y"] == pytest.approx([row["test_accuracy_any"]])
+    assert series["test"]["y"] == pytest.approx([row["test_accuracy"]])
+    win = window(visdom_server, cn.FIG5_TITLE, "testpairs")
+    assert png_of(win).size == (16 * (36 + 2) + 2, 3 * (36 + 2) + 2)
+    assert json.dumps(win).count("L:(") == 16
 
 
 def test_no_server_one_warning_and_training_goes_on(tiny_mnist, tmp_path):
