@@ -1,4 +1,4 @@
-"""CapsNet with dynamic routing, trained on MNIST, in one script.
+"""CapsNet with dynamic routing, trained on MNIST or MultiMNIST, in one script.
 
 Sabour, Frosst & Hinton, "Dynamic Routing Between Capsules", NIPS 2017 (arXiv:1710.09829):
 Conv1 -> PrimaryCaps -> DigitCaps with routing-by-agreement (Procedure 1), margin loss (eq. 4)
@@ -15,13 +15,15 @@ The file, top to bottom:
     model          squash, dynamic_routing (Procedure 1 as written), capsule_layer (the same
                    routing, factored: what CapsuleNet runs), CapsuleNet
     PrimaryCaps    the CPU's faster ways to compute the same convolution (GEMM gradient, DFTs)
-    loss           CapsuleLoss: margin loss + 0.0005 x summed squared reconstruction error
-    data           load_mnist, DeviceBatches, random_shift
-    one step       Stepper (what torchnet's Engine calls per batch), CompileChoice, PassStats
+    loss           CapsuleLoss: margin loss + 0.0005 x summed squared reconstruction error;
+                   the two-digit scores
+    data           load_mnist, DeviceBatches, random_shift; MultiMNIST (sec. 6): multimnist_pairs,
+                   PairBatches; load_data
+    one step       Stepper (what torchnet's Engine calls per batch), CompileChoice, meters, PassStats
     epoch loop     Trainer (Engine hooks: train pass, test pass, metrics, checkpoints), run_training
     other modes    run_eval (--eval-only), run_visualize (--visualize), export_weights
     Visdom         VisdomPlots: per-epoch and live windows
-    figures        Fig. 4, class masks, couplings, curves
+    figures        Fig. 4, class masks, couplings, Fig. 5 (MultiMNIST), curves
     checkpoints    atomic writes, one-line errors
     devices        device choice, bf16, allocator, RNG state, Ctrl-C
     command line   flags from the constants, main()

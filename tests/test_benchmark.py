@@ -55,6 +55,21 @@ def test_trainer_benchmark_flag_hands_over_to_bench(tmp_path):
     check_report(run_script(["--benchmark", *TINY, "--benchmark-json", out], cwd=tmp_path), out)
 
 
+def test_bench_times_multimnist_at_36x36(tmp_path):
+    """bench.py --dataset multimnist: this model alone (the baseline is MNIST-shaped), at 36x36,
+    with the data set's settings (no MNIST shift), on pairs made by multimnist_pairs."""
+    out = tmp_path / "mm.json"
+    done = run_bench(TINY + ["--dataset", "multimnist", "--json", out], tmp_path)
+    assert done.returncode == 0, describe(done)
+    with open(out, encoding="utf-8") as f:
+        result = json.load(f)
+    assert result["dataset"] == "multimnist" and result["input"] == "36x36"
+    assert result["train_images_per_s"] > 0 and result["eval_images_per_s"] > 0
+    assert "baseline_train_images_per_s" not in result and "timed alone" in done.stdout
+    batch = bench.synthetic_batch(6, 0, cn.torch.device("cpu"), "multimnist")
+    assert [tuple(t.shape) for t in batch] == [(6, 36, 36), (6, 2), (6, 2, 36, 36)]
+
+
 def test_compile_vs_eager_times_both_capsule_layers(tmp_path):
     """--compile-vs-eager: the same model with the compiled and with the eager capsule layer, side
     by side, and their ratio."""
