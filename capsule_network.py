@@ -33,6 +33,7 @@ are in README.md; the lab notes in results/README.md.
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import functools
 import importlib.util
@@ -47,6 +48,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -600,6 +602,13 @@ class DeviceBatches:
         """The first n images and labels."""
         return self.images[:n], self.labels[:n]
 
+    def shard(self, rank, world):
+        """Part `rank` of `world` contiguous parts, in the same order (the test pass under torchrun)."""
+        if world == 1:
+            return self
+        rows = slice(rank * self.rows // world, (rank + 1) * self.rows // world)
+        return DeviceBatches(self.images[rows], self.labels[rows], self.batch_size, self.shuffle)
+
     def __iter__(self):
         n = len(self.labels)
         order = torch.randperm(n, device=self.labels.device) if self.shuffle else None
@@ -719,6 +728,16 @@ class PairBatches:
         composites, parts = multimnist_compose(self.images, sources, shifts)
         return composites, self.digit_labels[sources], parts
 
+    def shard(self, rank, world):
+        """Part `rank` of `world` contiguous parts of the fixed test rows (the test pass under torchrun)."""
+        if world == 1:
+            return self
+        part = copy.copy(self)
+        rows = slice(rank * self.rows // world, (rank + 1) * self.rows // world)
+        part.table = tuple(t[rows] for t in self.table)
+        part.rows = len(part.table[0])
+        return part
+
     def take(self, n):
         """The first n test rows (or of a fresh training draw)."""
         table = self.table or multimnist_draw(self.digit_labels, self.max_shift)
@@ -785,34 +804,53 @@ class Stepper:
     (B, 2), parts uint8 (B, 2, H, W)): then the decoder runs once per digit, masked by that digit's
     capsule (in training the labels', at test the two longest, matched to the labels by
     matched_predictions), and each reconstruction is compared with its own digit's image.
-    Training images get their per-image random shift here, on the device; test images never do."""
+    Training images get their per-image random shift here, on the device; test images never do.
 
-    def __init__(self, model, loss_fn, device, dtype, max_shift, channels_last):
+    Under torchrun (`dist` enabled, `ddp` the DistributedDataParallel wrapper of `model`) a
+    training sample is the global batch: its shifts are drawn for the whole batch, as one process
+    draws them, and this process then computes its own share of the rows. The loss it
+    back-propagates is scaled by share x world size / batch, so that DDP's mean of the gradients
+    is the gradient of the global batch's mean loss, also when the shares differ (the last batch).
+    `last` holds (this process's mean loss, its labels) of the latest call, for the meters."""
+
+    def __init__(self, model, loss_fn, device, dtype, max_shift, channels_last, dist=None, ddp=None):
         self.model, self.loss_fn = model, loss_fn
         self.device, self.dtype = device, dtype
         self.max_shift, self.channels_last = max_shift, channels_last
+        self.dist, self.ddp = dist, ddp
+        self.last = None
 
     def __call__(self, sample):
-        images_u8, labels, *parts = sample
         training = self.model.training  # the mode is the model's: model.train() / model.eval()
-        images = to_float_images(images_u8)
+        images = to_float_images(sample[0])
         if training:
             images = random_shift(images, self.max_shift)
+        batch = len(images)
+        share = slice(None)
+        if training and self.ddp is not None:
+            share = self.dist.share(batch)
+        images, labels, *parts = images[share], sample[1][share], *(p[share] for p in sample[2:])
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        forward = self.ddp if training and self.ddp is not None else self.model
         with autocast(self.device, self.dtype):
             if not parts:
-                lengths, recon = self.model(images, labels if training else None)
+                lengths, recon = forward(images, labels if training else None)
             else:
-                lengths, recon = self.model(images, labels if training else None, digits=labels.shape[1])
+                lengths, recon = forward(images, labels if training else None, digits=labels.shape[1])
         if not parts:
-            return self.loss_fn(images, labels, lengths, recon), lengths.detach()
-        if not training:  # the reconstruction matched to label k compared with part k
-            _, swapped = matched_predictions(lengths.detach(), labels)
-            recon = torch.where(swapped[:, None, None, None, None], recon.flip(1), recon)
-        present = F.one_hot(labels, lengths.shape[1]).sum(1)  # (B, J): both classes present
-        targets = parts[0].unsqueeze(2).float().div_(255.0)  # (B, 2, 1, H, W)
-        return self.loss_fn(targets, present, lengths, recon), lengths.detach()
+            loss = self.loss_fn(images, labels, lengths, recon)
+        else:
+            if not training:  # the reconstruction matched to label k compared with part k
+                _, swapped = matched_predictions(lengths.detach(), labels)
+                recon = torch.where(swapped[:, None, None, None, None], recon.flip(1), recon)
+            present = F.one_hot(labels, lengths.shape[1]).sum(1)  # (B, J): both classes present
+            targets = parts[0].unsqueeze(2).float().div_(255.0)  # (B, 2, 1, H, W)
+            loss = self.loss_fn(targets, present, lengths, recon)
+        self.last = (loss.detach(), labels)
+        if training and self.ddp is not None:
+            loss = loss * (len(labels) * self.dist.world / batch)
+        return loss, lengths.detach()
 
 
 class CompileChoice:
@@ -830,8 +868,8 @@ class CompileChoice:
     WARMUP = ("compiled", "compiled", "eager")
     TIMED = 4
 
-    def __init__(self, model, device, setting, state=None):
-        self.model, self.device = model, device
+    def __init__(self, model, device, setting, state=None, dist=None):
+        self.model, self.device, self.dist = model, device, dist or Distributed({})
         self.schedule = list(self.WARMUP) + ["compiled", "eager"] * self.TIMED
         self.step, self.times, self.choice = 0, {"compiled": [], "eager": []}, None
         self.current, self.started, self.clock = None, 0.0, time.perf_counter
@@ -873,6 +911,7 @@ class CompileChoice:
         else:
             self.choice = "compiled" if median["compiled"] <= median["eager"] else "eager"
             why = f"median training step {median['compiled']:.3f} s compiled, {median['eager']:.3f} s eager"
+        self.choice = self.dist.from_main(self.choice)  # under torchrun: rank 0's measurement for all
         self.use(self.choice)
         print(f"compile auto: the {self.choice} capsule layer is faster here ({why}, torch "
               f"{torch.__version__}); it is used from now on", flush=True)
@@ -940,6 +979,25 @@ class PassStats:
         loss, correct = torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype)]).tolist()
         return loss, correct, self.count
 
+    def gather(self, dist):
+        """Under torchrun: this pass's numbers from every process, in rank order, on every process,
+        so that the meters see the whole pass (the same sums as one process)."""
+        if not dist.enabled:
+            return
+        mine = (torch.stack(self.batch_losses).tolist() if self.batch_losses else [], self.batch_sizes,
+                [o.cpu() for o in self.outputs], [t.cpu() for t in self.targets],
+                torch.stack([self.loss_sum, self.correct.float(), self.correct_any.float()]).tolist())
+        self.reset()
+        for losses, sizes, outputs, targets, (loss_sum, correct, correct_any) in dist.gather(mine):
+            self.batch_losses += [torch.tensor(x, device=self.device) for x in losses]
+            self.batch_sizes += sizes
+            self.outputs += outputs
+            self.targets += targets
+            self.loss_sum += loss_sum
+            self.correct += round(correct)
+            self.correct_any += round(correct_any)
+            self.count += sum(sizes)
+
     def feed(self, meters):
         """Hand the pass to pass_meters() meters."""
         if not self.count:
@@ -961,19 +1019,29 @@ class Trainer:
     """torchnet Engine with named hooks: a train pass per epoch, then a test pass, logs, checkpoint."""
 
     def __init__(self, cfg, device, model, optimizer, scheduler, data, start_epoch=0, best_accuracy=None,
-                 compile_state=None):
+                 compile_state=None, dist=None):
         from torchnet.engine import Engine
 
         self.cfg, self.device, self.model = cfg, device, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dtype = amp_dtype(device, cfg["AMP"])
-        self.network = Stepper(model, build_loss(cfg), device, self.dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"])
-        self.data, self.train_batches, self.test_batches = data, data.train, data.test
+        self.dist = dist = dist or Distributed({})
+        ddp = None
+        if dist.enabled:  # the gradients averaged over the processes; the model itself stays plain
+            # Conv1's weight (256, 1, 9, 9) gets its gradient with channels-last strides from the CPU
+            # path (primary_capsules); with one input channel that is the same memory order, and
+            # DDP's warning about it says nothing.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.network = Stepper(model, build_loss(cfg), device, self.dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
+                               dist, ddp)
+        self.data, self.train_batches = data, data.train
+        self.test_batches = data.test.shard(dist.rank, dist.world)  # each process tests its part
         self.start_epoch, self.best_accuracy = start_epoch, best_accuracy
         self.meters = {mode: pass_meters(cfg["NUM_CLASSES"], data.digits) for mode in ("train", "test")}
         self.stats = PassStats(device)
-        self.compile_choice = CompileChoice(model, device, cfg["COMPILE"], compile_state)
-        self.visdom = VisdomPlots(cfg)
+        self.compile_choice = CompileChoice(model, device, cfg["COMPILE"], compile_state, dist)
+        self.visdom = VisdomPlots(cfg if dist.main else dict(cfg, VISDOM=False))
         self.run_dir = cfg["RUN_DIR"]
         self.engine = Engine()
         self.engine.hooks.update(on_start=self.on_start, on_start_epoch=self.on_start_epoch,
@@ -1001,7 +1069,8 @@ class Trainer:
             self.compile_choice.before_step()
 
     def on_forward(self, state):
-        self.stats.add(state["loss"], state["output"], state["sample"][1])
+        loss, labels = self.network.last  # this process's share of the batch
+        self.stats.add(loss, state["output"], labels)
         self.tick(state["epoch"] if state["train"] else None)
 
     def on_update(self, state):
@@ -1032,7 +1101,7 @@ class Trainer:
         from tqdm import tqdm
 
         self.bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5,
-                        file=sys.stderr, unit="batch")
+                        file=sys.stderr, unit="batch", disable=not self.dist.main)
         return self.bar
 
     def tick(self, epoch=None):
@@ -1052,6 +1121,7 @@ class Trainer:
                                          100.0 * (correct - last_correct) / (count - last_count))
 
     def finish_pass(self, mode):
+        self.stats.gather(self.dist)
         self.stats.feed(self.meters[mode])
         self.bar.close()
 
@@ -1087,6 +1157,8 @@ class Trainer:
         is_best = self.best_accuracy is None or row["test_accuracy"] > self.best_accuracy
         if is_best:
             self.best_accuracy = row["test_accuracy"]
+        if not self.dist.main:  # one voice: rank 0 writes and plots (every process has the same row)
+            return
         # The row first: a run killed (kill -9) before its checkpoint resumes from the previous
         # epoch and drops this row again (truncate_metrics), so metrics and checkpoints agree.
         with sigint_deferred():
@@ -1107,11 +1179,11 @@ class Trainer:
     def log_visdom(self, epoch, row):
         from torchvision.utils import make_grid
 
-        n = min(self.cfg["RECON_IMAGES"], self.test_batches.rows)
+        n = min(self.cfg["RECON_IMAGES"], self.data.test.rows)
         self.model.eval()
         figures = caption = None
         if self.data.digits == 1:
-            test_images, test_labels = self.test_batches.take(self.test_batches.rows)
+            test_images, test_labels = self.data.test.take(self.data.test.rows)
             with torch.no_grad(), autocast(self.device, self.dtype):
                 images = to_float_images(test_images[:n])
                 _, recon = self.model(images)
@@ -1119,7 +1191,7 @@ class Trainer:
             if self.cfg["VISUALIZE_EVERY_EPOCH"]:
                 figures = visual_figures(self.model, test_images, test_labels, self.cfg["NUM_CLASSES"])
         else:  # Fig. 5 is the reconstruction window of two-digit images
-            tiles = fig5_tiles(self.model, *self.test_batches.take(n)[:2])
+            tiles = fig5_tiles(self.model, *self.data.test.take(n)[:2])
             grid, caption = tiles["grid"], fig5_caption(tiles)
         confusion = self.meters["test"]["confusion"].value()
         self.visdom.log_epoch(epoch, row, confusion, grid, figures, caption)
@@ -1140,9 +1212,12 @@ def truncate_metrics(run_dir, last_epoch):
     os.replace(path + ".tmp", path)
 
 
-def prepare(cfg):
-    """Device, seeded RNG and allocator settings shared by every mode -> (device, malloc tuned?)."""
+def prepare(cfg, dist=None):
+    """Device, seeded RNG and allocator settings shared by every mode -> (device, malloc tuned?).
+    Under torchrun (`dist`) the device is this process's GPU (LOCAL_RANK)."""
     device = resolve_device(cfg["DEVICE"])
+    if dist is not None:
+        device = dist.device(device)
     seed_everything(cfg["SEED"])
     malloc_tuned = device.type == "cpu" and cfg["CPU_MALLOC_TUNING"] and tune_cpu_malloc()
     if device.type == "cuda":
@@ -1177,12 +1252,28 @@ def fresh_run_dir(run_dir):
     return candidate
 
 
-def run_training(cfg, ckpt):
-    device, _ = prepare(cfg)
-    if ckpt is None:
-        cfg["RUN_DIR"] = fresh_run_dir(cfg["RUN_DIR"])
+def run_training(cfg, ckpt, dist=None, resume_auto=False):
+    """Train from the constants, or continue `ckpt`. Under torchrun (`dist`) every process runs this
+    with its share of each batch. `resume_auto`: --resume auto found no checkpoint, so a fresh run
+    starts in RUN_DIR itself (a restarted job then finds its last.pt there)."""
+    dist = dist or Distributed({})
+    if dist.enabled and cfg["BATCH_SIZE"] % dist.world:
+        raise UsageError(f"--batch-size {cfg['BATCH_SIZE']} must be a multiple of the number of processes "
+                         f"({dist.world}): each one takes an equal share of every batch")
+    device, _ = prepare(cfg, dist)
+    dist.start(device)
+    if ckpt is None and not resume_auto:
+        cfg["RUN_DIR"] = fresh_run_dir(cfg["RUN_DIR"]) if dist.main else None
+    cfg["RUN_DIR"] = dist.from_main(cfg["RUN_DIR"])
+    if len(set(dist.gather(ckpt["epoch"] if ckpt else None))) > 1:
+        raise UsageError("the processes found different checkpoints: RUN_DIR and --resume must be on a file "
+                         "system that every machine sees")
     os.makedirs(cfg["RUN_DIR"], exist_ok=True)
     data = load_data(cfg, device)
+    last = data.train.rows % cfg["BATCH_SIZE"]
+    if 0 < last < dist.world:
+        raise UsageError(f"the last training batch holds {last} images, fewer than the {dist.world} processes: "
+                         f"change --train-size or --batch-size")
     model = place_model(build_model(cfg), cfg, device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg["LR_DECAY"])
@@ -1196,18 +1287,25 @@ def run_training(cfg, ckpt):
         scheduler.gamma = cfg["LR_DECAY"]
         start_epoch, best = ckpt["epoch"], ckpt["best_accuracy"]
         set_rng_state(ckpt["rng_state"])
-        truncate_metrics(cfg["RUN_DIR"], start_epoch)
+        if dist.main:
+            truncate_metrics(cfg["RUN_DIR"], start_epoch)
         print(f"resumed from epoch {start_epoch} (best test accuracy so far {best:.2f}%) in {cfg['RUN_DIR']}")
+    elif resume_auto and dist.main:
+        truncate_metrics(cfg["RUN_DIR"], 0)  # rows of an epoch 1 whose checkpoint was never written
+        print(f"--resume auto: no {os.path.join(cfg['RUN_DIR'], 'last.pt')} yet; a new run starts there")
     dtype = amp_dtype(device, cfg["AMP"])
     for line in (dataset_line(cfg), preset_line(cfg)):
         if line:
             print(line)
     print(f"{model_line(model, device, dtype, data)}; seed {cfg['SEED']}, run dir {cfg['RUN_DIR']}")
+    if dist.enabled:
+        print(f"torchrun: {dist.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), each computing "
+              f"{cfg['BATCH_SIZE'] // dist.world} of the {cfg['BATCH_SIZE']} images of every batch")
     if start_epoch >= cfg["EPOCHS"]:
         print(f"nothing to do: the checkpoint is at epoch {start_epoch} and --epochs is {cfg['EPOCHS']}")
         return
     compile_state = ckpt.get("compile_choice") if ckpt is not None else None
-    trainer = Trainer(cfg, device, model, optimizer, scheduler, data, start_epoch, best, compile_state)
+    trainer = Trainer(cfg, device, model, optimizer, scheduler, data, start_epoch, best, compile_state, dist)
     trainer.train(cfg["EPOCHS"])
 
 
@@ -1669,6 +1767,72 @@ def load_weights(model, state):
         raise UsageError(f"--resume: the weights do not fit this model's constants: {first}") from None
 
 
+# ---- many processes: torchrun, one process per GPU (or CPU share), DistributedDataParallel ----
+class Distributed:
+    """The process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, ...); a plain `python capsule_network.py` is a world of one, and nothing here
+    then does anything. Every process draws the same random numbers (the same seed, the same
+    draws for the global batch), so each one can take its share of any batch by itself."""
+
+    def __init__(self, environ=os.environ):
+        self.world = int(environ.get("WORLD_SIZE", "1"))
+        self.rank = int(environ.get("RANK", "0"))
+        self.local_rank = int(environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        self.started = False
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def start(self, device):
+        """Join the group: NCCL on CUDA, gloo on the CPU."""
+        if self.enabled and not self.started:
+            import torch.distributed as tdist
+
+            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.started = True
+
+    def stop(self):
+        if self.started:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+            self.started = False
+
+    def device(self, device):
+        """cuda -> cuda:LOCAL_RANK (and made current); other devices as they are."""
+        if self.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        return device
+
+    def share(self, n):
+        """This process's rows of a batch of n: contiguous, sizes differing by at most one."""
+        start = self.rank * n // self.world
+        return slice(start, (self.rank + 1) * n // self.world)
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every process."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as tdist
+
+        every = [None] * self.world
+        tdist.all_gather_object(every, obj)
+        return every
+
+    def from_main(self, obj):
+        """Rank 0's obj, on every process."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as tdist
+
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
 # ---- devices and the process: device choice, bf16, allocator, RNG state, Ctrl-C ----
 def resolve_device(name):
     if name == "auto":
@@ -1861,7 +2025,9 @@ def build_parser():
         description="Train, evaluate or visualise CapsNet (Sabour et al., 2017) on MNIST or MultiMNIST.",
     )
     add_constant_flags(parser)
-    parser.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (last.pt, best.pt)")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="continue from a checkpoint (last.pt, best.pt); auto: from RUN_DIR/last.pt if it "
+                             "exists, else start a new run there (for restarted or requeued jobs)")
     parser.add_argument("--eval-only", action="store_true",
                         help="with --resume: evaluate on the test set, print accuracy and confusion matrix")
     parser.add_argument("--visualize", action="store_true",
@@ -1929,26 +2095,48 @@ def main(argv=None):
         return bench.main([a for a in argv if a != "--benchmark"])
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        for flag in ("eval_only", "visualize", "export_weights"):
-            if getattr(args, flag) and not args.resume:
-                raise UsageError(f"--{flag.replace('_', '-')} needs --resume PATH")
-        ckpt = load_checkpoint(args.resume) if args.resume else None
-        cfg = make_config(args, ckpt)
-        if args.export_weights:
-            export_weights(ckpt, cfg, args.export_weights)
-        elif args.eval_only:
-            run_eval(cfg, ckpt)
-        elif args.visualize:
-            run_visualize(cfg, ckpt)
-        else:
-            run_training(cfg, ckpt)
-    except UsageError as e:
-        print(f"capsule_network.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last completed epoch is in last.pt; continue with --resume", file=sys.stderr)
-        return 130
+    dist = Distributed()  # torchrun's environment; a world of one without it
+    training = not (args.export_weights or args.eval_only or args.visualize)
+    if dist.enabled and not training and not dist.main:
+        return 0  # evaluation, figures and export run in rank 0 alone
+    with contextlib.ExitStack() as stack:
+        if not dist.main:  # one voice: rank 0 prints
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        try:
+            return run_mode(args, training, dist)
+        except UsageError as e:
+            if dist.main:
+                print(f"capsule_network.py: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if dist.main:
+                print("\ninterrupted: the last completed epoch is in last.pt; continue with --resume",
+                      file=sys.stderr)
+            return 130
+        finally:
+            dist.stop()
+
+
+def run_mode(args, training, dist):
+    for flag in ("eval_only", "visualize", "export_weights"):
+        if getattr(args, flag) and not args.resume:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --resume PATH")
+    resume_auto = args.resume == "auto"
+    if resume_auto:  # RUN_DIR/last.pt if it exists, else a fresh run in RUN_DIR
+        if not training:
+            raise UsageError("--resume auto is for training; name the checkpoint to evaluate, visualise or export")
+        path = os.path.join(args.RUN_DIR or RUN_DIR, "last.pt")
+        args.resume = path if os.path.exists(path) else None
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    cfg = make_config(args, ckpt)
+    if args.export_weights:
+        export_weights(ckpt, cfg, args.export_weights)
+    elif args.eval_only:
+        run_eval(cfg, ckpt)
+    elif args.visualize:
+        run_visualize(cfg, ckpt)
+    else:
+        run_training(cfg, ckpt, dist, resume_auto and ckpt is None)
     return 0
 
 
