@@ -383,6 +383,9 @@ def make_config(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.worker:
+        print("bench.py: error: the benchmark times one process; run it with python, not torchrun", file=sys.stderr)
+        return 2
     try:
         cfg = make_config(args)
         if args.worker:

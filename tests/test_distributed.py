@@ -205,3 +205,18 @@ def test_the_speed_features_work_under_ddp(one_and_two, tmp_path):
     assert rows[0]["compile"] == "compiled"
     same_rows(rows, read_rows(one), tolerance=1e-3)
     same_weights(os.path.join(two, "last.pt"), os.path.join(one, "last.pt"), tolerance=1e-3)
+
+
+def test_multimnist_in_two_processes_trains_as_in_one(tiny_mnist, tmp_path):
+    """The MultiMNIST pairs of every batch are drawn alike in every process and split: the same
+    rows (both-right and at-least-one scores included) as one process."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--dataset", "multimnist", "--no-amp", "--no-compile"]
+    done = run_script(train_args(tiny_mnist["root"], one, *args, epochs=1))
+    assert done.returncode == 0, describe(done)
+    done = torchrun(train_args(tiny_mnist["root"], two, *args, epochs=1))
+    assert done.returncode == 0, describe(done)
+    a, b = read_rows(two), read_rows(one)
+    same_rows(a, b)
+    for key in ("train_accuracy_any", "test_accuracy_any"):
+        assert a[0][key] == pytest.approx(b[0][key], rel=TOLERANCE), key
