@@ -71,6 +71,7 @@ DIGIT_DIM = 16  # dimension of a digit capsule
 NUM_CLASSES = 10  # digit capsules, one per class
 KERNEL_SIZE = 9  # kernel of Conv1 and PrimaryCaps
 ROUTING_ITERATIONS = 3  # routing-by-agreement iterations (paper: 3, sec. 4 and Procedure 1)
+ROUTING_LEAKY = False  # an extra "none-of-the-above" parent with logit 0 in each child's softmax (CIFAR10, sec. 7)
 W_INIT_STD = 0.01  # standard deviation of the normal initialisation of the W_ij matrices
 DECODER_HIDDEN1 = 512  # first decoder layer width (Fig. 2)
 DECODER_HIDDEN2 = 1024  # second decoder layer width (Fig. 2)
@@ -158,17 +159,29 @@ def squash(s, dim=-1, eps=1e-12):
     return s * (torch.sqrt(sq_norm + eps) / (1.0 + sq_norm))
 
 
-def dynamic_routing(u_hat, iterations, logit_changes=None):
+def parent_softmax(b, dim, leaky=False):
+    """c_ij = softmax of the logits b_ij over the parents (dimension `dim`). `leaky` adds a parent
+    whose logit is always 0 and drops it after the softmax (the paper's "none-of-the-above" option
+    for CIFAR10, sec. 7; "leaky routing" in the authors' code): a child may then send part of its
+    output nowhere, and its couplings to the real parents sum to less than 1."""
+    if not leaky:
+        return b.softmax(dim=dim)
+    zero = torch.zeros_like(b.narrow(dim, 0, 1))
+    return torch.cat([b, zero], dim).softmax(dim=dim).narrow(dim, 0, b.shape[dim])
+
+
+def dynamic_routing(u_hat, iterations, logit_changes=None, leaky=False):
     """Procedure 1. u_hat (B, I, J, E) predictions of child i for parent j -> v (B, J, E), c (B, I, J).
 
-    b_ij starts at 0 for every example; c_i = softmax over the parents j, so sum_j c_ij = 1.
+    b_ij starts at 0 for every example; c_i = softmax over the parents j, so sum_j c_ij = 1
+    (less than 1 with `leaky`, see parent_softmax).
     If `logit_changes` is a list, the mean |change of b_ij| of every iteration is appended to it
     (detached tensors; Appendix A's measure), including the last, unused, update.
     The model runs the same computation factored (capsule_layer); this is the plain reference.
     """
     b = u_hat.new_zeros(u_hat.shape[:3])  # (B, I, J)
     for r in range(iterations):
-        c = b.softmax(dim=2)  # (B, I, J), softmax over parents j
+        c = parent_softmax(b, 2, leaky)  # (B, I, J), softmax over parents j
         s = torch.einsum("bij,bije->bje", c, u_hat)  # (B, J, E) = sum_i c_ij u_hat_j|i
         v = squash(s)  # (B, J, E)
         if r < iterations - 1 or logit_changes is not None:
@@ -179,7 +192,7 @@ def dynamic_routing(u_hat, iterations, logit_changes=None):
     return v, c
 
 
-def capsule_layer(W, u, iterations, record, children_last=False):
+def capsule_layer(W, u, iterations, record, children_last=False, leaky=False):
     """DigitCaps with routing: W (J, I, E, D), primary capsules u (B, I, D) -> v (B, J, E),
     c (B, I, J) and, if `record`, the mean |change of b_ij| per iteration (iterations,), else None.
 
@@ -187,7 +200,8 @@ def capsule_layer(W, u, iterations, record, children_last=False):
     factored so that u_hat, 1152 x 10 x 16 numbers per image, is never built:
       s_j = sum_i c_ij W_ij u_i            = one GEMM per class over k, K = I * D = 9216
       u_hat_j|i . v_j = u_i . (W_ij^T v_j) = one GEMM per class, then a dot over d.
-    In the first iteration c_ij = 1/J for all i, j, so s is a single GEMM of u with all of W.
+    In the first iteration c_ij = 1/J for all i, j (1/(J+1) with `leaky`, see parent_softmax), so s
+    is a single GEMM of u with all of W.
 
     `children_last` orders k as (d, i) instead of (i, d), so that the element-wise work runs along
     the 1152 children rather than the 8 capsule dimensions: the layout the compiled version uses
@@ -207,10 +221,11 @@ def capsule_layer(W, u, iterations, record, children_last=False):
     b = None  # routing logits, (J, B, I); b_ij = 0 before the first iteration
     for r in range(iterations):
         if b is None:
-            c = u.new_full((J, B, I), 1.0 / J)  # softmax of zeros over the J parents
-            s = (uk.reshape(B, I * D) @ Wk.reshape(J * E, I * D).t()).reshape(B, J, E).transpose(0, 1) / J
+            parents = J + 1 if leaky else J  # softmax of zeros over the parents
+            c = u.new_full((J, B, I), 1.0 / parents)
+            s = (uk.reshape(B, I * D) @ Wk.reshape(J * E, I * D).t()).reshape(B, J, E).transpose(0, 1) / parents
         else:
-            c = b.softmax(dim=0)  # (J, B, I), softmax over parents j
+            c = parent_softmax(b, 0, leaky)  # (J, B, I), softmax over parents j
             x = (c.unsqueeze(dim_d) * uk).reshape(J, B, I * D)  # (J, B, K): c_ij u_i
             s = torch.bmm(x, Wk.transpose(1, 2))  # (J, B, E) = sum_i c_ij W_ij u_i
         v = squash(s)  # (J, B, E)
@@ -262,13 +277,13 @@ class CapsuleNet(nn.Module):
 
     def __init__(self, conv1_channels=CONV1_CHANNELS, primary_caps=PRIMARY_CAPS, primary_dim=PRIMARY_DIM,
                  digit_dim=DIGIT_DIM, num_classes=NUM_CLASSES, kernel_size=KERNEL_SIZE,
-                 routing_iterations=ROUTING_ITERATIONS, w_init_std=W_INIT_STD,
+                 routing_iterations=ROUTING_ITERATIONS, w_init_std=W_INIT_STD, routing_leaky=False,
                  decoder_hidden=(DECODER_HIDDEN1, DECODER_HIDDEN2), image_size=28,
                  dft_conv=CPU_DFT_CONV, gemm_weight_grad=CPU_GEMM_WEIGHT_GRAD, cpu_malloc_tuning=CPU_MALLOC_TUNING):
         super().__init__()
         self.primary_caps, self.primary_dim = primary_caps, primary_dim
         self.num_classes, self.digit_dim = num_classes, digit_dim
-        self.routing_iterations = routing_iterations
+        self.routing_iterations, self.routing_leaky = routing_iterations, routing_leaky
         self.image_size = image_size
         self.conv1 = nn.Conv2d(1, conv1_channels, kernel_size)
         # One conv for all 32 capsule types: output channel t * 8 + d is dimension d of type t.
@@ -345,7 +360,8 @@ class CapsuleNet(nn.Module):
             tune_cpu_malloc()  # once per process; without it CPU steps ran up to 1.5x slower (results/README.md)
         u = self.primary_capsules(images)  # (B, I, D)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            v, c, changes = self.capsule_layer(self.W.float(), u, self.routing_iterations, self.record_routing)
+            v, c, changes = self.capsule_layer(self.W.float(), u, self.routing_iterations, self.record_routing,
+                                               leaky=self.routing_leaky)
         if changes is not None:
             self.logit_changes.append(changes)
         return v, c
@@ -540,7 +556,7 @@ def build_model(cfg):
     """CapsuleNet from the constants, for the input size of cfg's data set."""
     return CapsuleNet(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
                       cfg["NUM_CLASSES"], cfg["KERNEL_SIZE"], cfg["ROUTING_ITERATIONS"], cfg["W_INIT_STD"],
-                      (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
+                      cfg["ROUTING_LEAKY"], (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
                       image_size=DATASETS[cfg["DATASET"]]["image_size"],
                       dft_conv=cfg["CPU_DFT_CONV"], gemm_weight_grad=cfg["CPU_GEMM_WEIGHT_GRAD"],
                       cpu_malloc_tuning=cfg["CPU_MALLOC_TUNING"])
@@ -1391,8 +1407,8 @@ def run_visualize(cfg, ckpt):
 
 
 MODEL_KEYS = ("DATASET", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
-              "ROUTING_ITERATIONS", "W_INIT_STD", "DECODER_HIDDEN1", "DECODER_HIDDEN2", "M_PLUS", "M_MINUS",
-              "LAMBDA_ABSENT", "RECON_WEIGHT")  # what an exported model carries: its shape and loss
+              "ROUTING_ITERATIONS", "ROUTING_LEAKY", "W_INIT_STD", "DECODER_HIDDEN1", "DECODER_HIDDEN2",
+              "M_PLUS", "M_MINUS", "LAMBDA_ABSENT", "RECON_WEIGHT")  # what an exported model carries: shape, loss
 
 
 def export_weights(ckpt, cfg, path):

@@ -129,3 +129,40 @@ def test_capsule_layer_equals_routing_on_u_hat(iterations, record):
     ref_grads = torch.autograd.grad(v_ref.norm(dim=-1).sum(), (W, u))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_leaky_routing_sends_part_of_each_child_nowhere(iterations):
+    """ROUTING_LEAKY: an extra parent with logit 0 in each child's softmax, dropped afterwards.
+    The couplings to the real parents sum to less than 1 (1 - the leak's share), the first
+    iteration's are 1/(J+1); the factored capsule_layer agrees with dynamic_routing on u_hat,
+    and with the leak off both are plain routing."""
+    g = torch.Generator().manual_seed(5)
+    J, I, E, D, B = 10, 4 * 36, 16, 8, 3
+    W = 0.3 * torch.randn(J, I, E, D, generator=g, dtype=torch.float64)
+    u = cn.squash(torch.randn(B, I, D, generator=g, dtype=torch.float64))
+    u_hat = torch.einsum("jied,bid->bije", W, u)
+    v, c, _ = cn.capsule_layer(W, u, iterations, False, leaky=True)
+    v_ref, c_ref = cn.dynamic_routing(u_hat, iterations, leaky=True)
+    torch.testing.assert_close(v, v_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(c, c_ref, rtol=1e-9, atol=1e-12)
+    total = c.sum(-1)
+    assert (total < 1 - 1e-6).all() and (total > 0).all()
+    if iterations == 1:
+        torch.testing.assert_close(c, torch.full_like(c, 1 / (J + 1)))
+    # by hand: the couplings are exp(b_j) / (1 + sum_k exp(b_k)) of the same logits as plain routing's
+    b = torch.randn(B, I, J, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(cn.parent_softmax(b, 2, leaky=True), b.exp() / (1 + b.exp().sum(2, keepdim=True)))
+    plain, plain_ref = cn.capsule_layer(W, u, iterations, False), cn.dynamic_routing(u_hat, iterations)
+    torch.testing.assert_close(cn.capsule_layer(W, u, iterations, False, leaky=False)[0], plain[0])
+    torch.testing.assert_close(plain[1], plain_ref[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(plain[1].sum(-1), torch.ones(B, I, dtype=torch.float64))
+
+
+def test_the_model_routes_leakily_when_asked():
+    """CapsuleNet(routing_leaky=True): the couplings of an image sum to less than 1 per child."""
+    torch.manual_seed(0)
+    model = cn.CapsuleNet(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), routing_leaky=True).eval()
+    with torch.no_grad():
+        _, c = model.capsules(torch.rand(2, 1, 28, 28))
+    assert (c.sum(-1) < 1 - 1e-6).all()
