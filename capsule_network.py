@@ -603,6 +603,38 @@ def load_mnist(data_dir, train, limit=0):
     return images, labels.long()
 
 
+NORB_TYPES = {0x1E3D4C55: "uint8", 0x1E3D4C54: "<i4", 0x1E3D4C56: "<i2", 0x1E3D4C51: "<f4",
+              0x1E3D4C53: "<f8"}  # magic number -> element type of a NORB binary matrix
+
+
+def read_norb_matrix(path):
+    """A NORB "binary matrix" file (smallNORB's -dat.mat, -cat.mat, -info.mat), or its .gz, as a
+    tensor. The format (little-endian int32s): magic number (element type), ndim, then
+    max(3, ndim) sizes (the unused ones are 1), then the elements in row-major order.
+    Raises UsageError naming the file if it is missing, cut short or not such a file."""
+    import gzip
+
+    import numpy as np
+
+    name = path if os.path.exists(path) or not os.path.exists(path + ".gz") else path + ".gz"
+    try:
+        with (gzip.open if name.endswith(".gz") else open)(name, "rb") as f:
+            raw = f.read()
+        magic, ndim = np.frombuffer(raw[:8], "<i4")
+        if int(magic) & 0xFFFFFFFF not in NORB_TYPES or not 0 < ndim <= 16:
+            raise ValueError(f"not a NORB binary matrix (magic number {int(magic) & 0xFFFFFFFF:#x})")
+        header = 8 + 4 * max(3, int(ndim))
+        shape = tuple(int(d) for d in np.frombuffer(raw[8:header], "<i4")[:ndim])
+        dtype = np.dtype(NORB_TYPES[int(magic) & 0xFFFFFFFF])
+        count = math.prod(shape)
+        if len(raw) - header != count * dtype.itemsize:
+            raise ValueError(f"{len(raw) - header} bytes of data for a {'x'.join(map(str, shape))} "
+                             f"{dtype.name} matrix ({count * dtype.itemsize} bytes)")
+        return torch.from_numpy(np.frombuffer(raw, dtype, count, header).reshape(shape).copy())
+    except (OSError, EOFError, ValueError) as e:
+        raise UsageError(f"cannot read {name}: {e}") from None
+
+
 class DeviceBatches:
     """Batches by index slicing of a device-side permutation of a data set that lives on the device."""
 
@@ -649,6 +681,30 @@ def random_shift(images, max_shift):
     cols = (offsets[1] + torch.arange(W, device=images.device)).unsqueeze(1)  # (B, 1, W)
     batch = torch.arange(B, device=images.device).view(B, 1, 1)
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def random_crop_flip(images, size, flip):
+    """Training augmentation of the paper's CIFAR10 and smallNORB set-ups (sec. 7): for each image
+    its own random size x size crop and, if `flip`, a left-right flip with probability 1/2, drawn
+    on the images' device. images (B, C, H, W) -> (B, C, size, size)."""
+    B, C, H, W = images.shape
+    device = images.device
+    top = torch.randint(0, H - size + 1, (B, 1, 1), device=device)
+    left = torch.randint(0, W - size + 1, (B, 1, 1), device=device)
+    cols = torch.arange(size, device=device).view(1, 1, size).expand(B, 1, size)
+    if flip:
+        mirrored = torch.rand(B, 1, 1, device=device) < 0.5
+        cols = torch.where(mirrored, size - 1 - cols, cols)
+    rows = top + torch.arange(size, device=device).view(1, size, 1)  # (B, size, 1)
+    batch = torch.arange(B, device=device).view(B, 1, 1)
+    return images.permute(0, 2, 3, 1)[batch, rows, left + cols].permute(0, 3, 1, 2)
+
+
+def center_crop(images, size):
+    """The central size x size part of every image (test images of the crop set-ups)."""
+    H, W = images.shape[-2:]
+    top, left = (H - size) // 2, (W - size) // 2
+    return images[..., top:top + size, left:left + size]
 
 
 def to_float_images(images_u8):
