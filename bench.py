@@ -110,15 +110,23 @@ class StepTimer:
         return times
 
 
-def synthetic_batch(batch_size, seed, device, dataset="mnist"):
-    """Random uint8 images and labels of the data set's kind: (images, labels), or for multimnist
-    (36x36 composites, pair labels, parts) made by multimnist_pairs from random digits."""
+def synthetic_batch(batch_size, seed, device, dataset="mnist", channels=1, size=28, classes=10):
+    """Random uint8 images and labels of the data set's kind and shape: (images, labels), or for
+    multimnist (36x36 composites, pair labels, parts) made by multimnist_pairs from random digits."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch_size, 28, 28), dtype=torch.uint8, generator=g)
     if dataset == "multimnist":
+        images = torch.randint(0, 256, (batch_size, 28, 28), dtype=torch.uint8, generator=g)
         composites, parts, pair_labels = cn.multimnist_pairs(images, torch.arange(batch_size) % 10, generator=g)
         return composites.to(device), pair_labels.to(device), parts.to(device)
-    return images.to(device), torch.randint(0, 10, (batch_size,), generator=g).to(device)
+    shape = (batch_size, size, size) if channels == 1 else (batch_size, channels, size, size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    return images.to(device), torch.randint(0, classes, (batch_size,), generator=g).to(device)
+
+
+def data_batch(cfg, batch_size, device):
+    """synthetic_batch of cfg's data set, in the shape load_data would give it."""
+    return synthetic_batch(batch_size, cfg["SEED"], device, cfg["DATASET"], cfg["IMAGE_CHANNELS"], cfg["IMAGE_SIZE"],
+                           cfg["NUM_CLASSES"])
 
 
 def peak_memory_mib(device):
@@ -240,9 +248,10 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     model = cn.place_model(cn.build_model(cfg), cfg, device)
     optimizer = cn.build_optimizer(model, cfg)
     dtype = cn.amp_dtype(device, cfg["AMP"])
-    network = cn.Stepper(model, cn.build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"])
-    batch = synthetic_batch(cfg["BATCH_SIZE"], cfg["SEED"], device, cfg["DATASET"])
-    eval_batch = synthetic_batch(cfg["EVAL_BATCH_SIZE"], cfg["SEED"], device, cfg["DATASET"])
+    network = cn.Stepper(model, cn.build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
+                         crop=cfg["CROP_SIZE"], flip=cfg["FLIP"])
+    batch = data_batch(cfg, cfg["BATCH_SIZE"], device)
+    eval_batch = data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)
 
     def train_step():  # exactly what torchnet's Engine does per training batch
         optimizer.zero_grad()
@@ -282,7 +291,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     peaks = {kind: w.finish() for kind, w in workers.items() if kind in rates}
     result = {
         "device": str(device), "device_name": device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
-        "dataset": cfg["DATASET"], "input": f"{model.image_size}x{model.image_size}",
+        "dataset": cfg["DATASET"], "input": f"{model.image_size}x{model.image_size}", "channels": model.in_channels,
+        "classes": model.num_classes,
         "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
         "steps": cfg["BENCHMARK_STEPS"], "rounds": cfg["BENCHMARK_ROUNDS"], "warmup": cfg["BENCHMARK_WARMUP"],
         "statistic": "median step",
@@ -373,6 +383,7 @@ def make_config(args):
     cfg.update(cn.DATASETS.get(explicit.get("DATASET", cfg["DATASET"]), {}).get("settings", {}))
     cfg.update(explicit)
     cn.validate_config(cfg)
+    cn.nominal_data_settings(cfg)
     for ok, message in ((cfg["BENCHMARK_STEPS"] >= 1, "--benchmark-steps must be >= 1"),
                         (cfg["BENCHMARK_WARMUP"] >= 0, "--benchmark-warmup must be >= 0"),
                         (cfg["BENCHMARK_ROUNDS"] >= 1, "--benchmark-rounds must be >= 1")):

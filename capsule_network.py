@@ -56,10 +56,14 @@ import torch.nn.functional as F
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
 # data
-DATASET = "mnist"  # mnist, or multimnist: two overlapping MNIST digits per image, made on the device (sec. 6)
-DATA_DIR = "data"  # torchvision MNIST root: files live in DATA_DIR/MNIST/raw
+DATASET = "mnist"  # mnist, fashion-mnist, kmnist, emnist-balanced, emnist-letters, cifar10, svhn, smallnorb, folder, multimnist
+DATA_DIR = "data"  # where the data set's files are, in torchvision's layouts: DATA_DIR/MNIST/raw, ... (README)
 TRAIN_SIZE = 0  # use the first N training images; 0 = all 60,000
 TEST_SIZE = 0  # use the first N test images; 0 = all 10,000
+IMAGE_SIZE = 0  # images resized to IMAGE_SIZE x IMAGE_SIZE before any crop; 0 = as stored (folder: 28)
+IMAGE_CHANNELS = 0  # folder: 1 or 3; 0 = the data set's (folder: 3 if any training image has colour, else 1)
+CROP_SIZE = 0  # random CROP_SIZE crops of training images, the central one at test; 0 = none (cifar10: 24)
+FLIP = False  # random left-right flips of training images (cifar10)
 MAX_SHIFT = 2  # random shift of up to this many pixels per image, training only (paper, sec. 5; not multimnist)
 MULTIMNIST_SHIFT = 4  # multimnist: each digit of a pair shifted by up to this many pixels in the 36x36 image
 MULTIMNIST_TEST_PAIRS = 1  # multimnist: fixed test images per MNIST test digit (the paper made 1,000)
@@ -68,7 +72,7 @@ CONV1_CHANNELS = 256  # Conv1 filters, 9x9, stride 1 (paper, sec. 4)
 PRIMARY_CAPS = 32  # primary capsule types (channels of 8-D capsules) on the 6x6 grid
 PRIMARY_DIM = 8  # dimension of a primary capsule
 DIGIT_DIM = 16  # dimension of a digit capsule
-NUM_CLASSES = 10  # digit capsules, one per class
+NUM_CLASSES = 0  # digit capsules, one per class; 0 = as many as the data set has (MNIST: 10)
 KERNEL_SIZE = 9  # kernel of Conv1 and PrimaryCaps
 ROUTING_ITERATIONS = 3  # routing-by-agreement iterations (paper: 3, sec. 4 and Procedure 1)
 ROUTING_LEAKY = False  # an extra "none-of-the-above" parent with logit 0 in each child's softmax (CIFAR10, sec. 7)
@@ -121,14 +125,36 @@ PRESETS = {
 MULTIMNIST_CANVAS = 36  # paper, sec. 6: a 28x28 digit shifted by up to 4 px in a 36x36 image
 
 # What each data set is, and the paper's settings for it: they replace the constants above when
-# that data set is chosen (printed at start; a flag given explicitly still wins).
+# that data set is chosen (printed at start; a flag given explicitly still wins). `reader` says
+# how its files are read (load_split), `digits` how many objects an image holds, `shape` its
+# (channels, image size, classes) as stored, for synthetic data (bench.py; folder: a typical one).
 DATASETS = {
-    "mnist": {"image_size": 28, "digits": 1, "settings": {}},
+    "mnist": {"shape": (1, 28, 10), "reader": "MNIST", "digits": 1, "settings": {}},
+    "fashion-mnist": {"shape": (1, 28, 10), "reader": "FashionMNIST", "digits": 1, "settings": {}},
+    "kmnist": {"shape": (1, 28, 10), "reader": "KMNIST", "digits": 1, "settings": {}},
+    # torchvision's EMNIST images stand transposed (load_split turns them upright); the letters'
+    # labels start at 1 (load_split makes them 0..25)
+    "emnist-balanced": {"shape": (1, 28, 47), "reader": "EMNIST", "split": "balanced", "digits": 1, "settings": {}},
+    "emnist-letters": {"shape": (1, 28, 26), "reader": "EMNIST", "split": "letters", "digits": 1, "settings": {}},
+    # sec. 7: three colour channels, 64 primary capsule types, random 24x24 crops (the central one at
+    # test), and a "none-of-the-above" routing option; flips as the authors' code does for CIFAR10.
+    # Their shift of MNIST images is replaced by the crops.
+    "cifar10": {"shape": (3, 32, 10), "reader": "cifar10", "digits": 1, "settings": {"PRIMARY_CAPS": 64, "CROP_SIZE": 24, "FLIP": True,
+                                                               "ROUTING_LEAKY": True, "MAX_SHIFT": 0}},
+    # sec. 7: the smaller network the paper trained on SVHN (64 Conv1 channels, 16 primary capsule
+    # types of 6 dimensions, 8-dimensional class capsules); 32x32 colour images
+    "svhn": {"shape": (3, 32, 10), "reader": "svhn", "digits": 1, "settings": {"CONV1_CHANNELS": 64, "PRIMARY_CAPS": 16, "PRIMARY_DIM": 6,
+                                                         "DIGIT_DIM": 8}},
+    # sec. 7: 5 classes, the stereo pair as two channels, 96x96 downsampled to 48x48, random 32x32
+    # crops in training, the central crop at test (see the README for what is not done here)
+    "smallnorb": {"shape": (2, 96, 5), "reader": "smallnorb", "digits": 1, "settings": {"IMAGE_SIZE": 48, "CROP_SIZE": 32,
+                                                                   "MAX_SHIFT": 0}},
+    "folder": {"shape": (3, 28, 10), "reader": "folder", "digits": 1, "settings": {"IMAGE_SIZE": 28}},
     # MultiMNIST (sec. 6): 36x36 images of two digits, so Conv1 is 28x28 and PrimaryCaps a 10x10 grid
     # of 3,200 capsules. The paper decays the learning rate with a 10x longer period because its
     # set is larger: here an epoch is one pair per MNIST training digit, so 0.96 per epoch becomes
     # 0.96 ** 0.1 = 0.996 per epoch. No extra shift: the pairs' own shifts are the augmentation.
-    "multimnist": {"image_size": MULTIMNIST_CANVAS, "digits": 2, "settings": {"LR_DECAY": 0.996, "MAX_SHIFT": 0}},
+    "multimnist": {"shape": (1, 36, 10), "reader": "MNIST", "digits": 2, "settings": {"LR_DECAY": 0.996, "MAX_SHIFT": 0}},
 }
 MULTIMNIST_TEST_SEED = 20171026  # the fixed test pairs are drawn from this seed, whatever SEED is
 
@@ -276,16 +302,20 @@ class CapsuleNet(nn.Module):
     """Conv1 -> PrimaryCaps -> DigitCaps (routing) -> lengths, plus the masked decoder (Fig. 1, 2)."""
 
     def __init__(self, conv1_channels=CONV1_CHANNELS, primary_caps=PRIMARY_CAPS, primary_dim=PRIMARY_DIM,
-                 digit_dim=DIGIT_DIM, num_classes=NUM_CLASSES, kernel_size=KERNEL_SIZE,
+                 digit_dim=DIGIT_DIM, num_classes=10, kernel_size=KERNEL_SIZE,
                  routing_iterations=ROUTING_ITERATIONS, w_init_std=W_INIT_STD, routing_leaky=False,
                  decoder_hidden=(DECODER_HIDDEN1, DECODER_HIDDEN2), image_size=28,
-                 dft_conv=CPU_DFT_CONV, gemm_weight_grad=CPU_GEMM_WEIGHT_GRAD, cpu_malloc_tuning=CPU_MALLOC_TUNING):
+                 dft_conv=CPU_DFT_CONV, gemm_weight_grad=CPU_GEMM_WEIGHT_GRAD, cpu_malloc_tuning=CPU_MALLOC_TUNING,
+                 in_channels=1):
         super().__init__()
+        if image_size < smallest_input(kernel_size):
+            raise ValueError(f"{image_size}x{image_size} images are too small for {kernel_size}x{kernel_size} "
+                             f"Conv1 and PrimaryCaps: the smallest is {smallest_input(kernel_size)}")
         self.primary_caps, self.primary_dim = primary_caps, primary_dim
         self.num_classes, self.digit_dim = num_classes, digit_dim
         self.routing_iterations, self.routing_leaky = routing_iterations, routing_leaky
-        self.image_size = image_size
-        self.conv1 = nn.Conv2d(1, conv1_channels, kernel_size)
+        self.image_size, self.in_channels = image_size, in_channels
+        self.conv1 = nn.Conv2d(in_channels, conv1_channels, kernel_size)
         # One conv for all 32 capsule types: output channel t * 8 + d is dimension d of type t.
         self.primary = nn.Conv2d(conv1_channels, primary_caps * primary_dim, kernel_size, stride=2)
         grid = ((image_size - kernel_size + 1) - kernel_size) // 2 + 1  # 6 for MNIST
@@ -296,7 +326,7 @@ class CapsuleNet(nn.Module):
         self.decoder = nn.Sequential(
             nn.Linear(digit_dim * num_classes, decoder_hidden[0]), nn.ReLU(inplace=True),
             nn.Linear(decoder_hidden[0], decoder_hidden[1]), nn.ReLU(inplace=True),
-            nn.Linear(decoder_hidden[1], image_size * image_size), nn.Sigmoid(),
+            nn.Linear(decoder_hidden[1], in_channels * image_size * image_size), nn.Sigmoid(),
         )
         self.record_routing = False  # when True, capsules() appends Appendix A's logit changes
         self.logit_changes = []
@@ -316,12 +346,15 @@ class CapsuleNet(nn.Module):
         self.capsule_layer = self.compiled if compiled else capsule_layer
 
     def primary_capsules(self, images):
-        """images (B, 1, H, W) -> squashed primary capsules (B, I=1152, D=8)."""
+        """images (B, C, H, W) -> squashed primary capsules (B, I, D) (MNIST: I = 1152, D = 8)."""
         if self.dft_conv and images.device.type == "cpu":
-            # Given its one input channel with channels-last strides (the same memory), Conv1
-            # writes channels-last: the layout conv2d_dft reads without a transpose.
-            _, _, H, W = images.shape
-            images = images.contiguous().as_strided(images.shape, (H * W, 1, W, 1))
+            # Given channels-last input (for one channel: the same memory, with channels-last
+            # strides), Conv1 writes channels-last: the layout conv2d_dft reads without a transpose.
+            B, C, H, W = images.shape
+            if C == 1:
+                images = images.contiguous().as_strided(images.shape, (H * W, 1, W, 1))
+            else:
+                images = images.contiguous(memory_format=torch.channels_last)
             x = F.relu(self.conv1(images), inplace=True).permute(0, 2, 3, 1)  # (B, 20, 20, 256)
             x = conv2d_dft(x, self.primary.weight, self.primary.bias, self.primary.stride[0], x.dtype,
                            self.cached_weight_f(x.dtype))  # (B, 32*8, 6, 6)
@@ -371,7 +404,7 @@ class CapsuleNet(nn.Module):
         mask = F.one_hot(classes, self.num_classes).to(v.dtype)  # (B, J)
         masked = (v * mask.unsqueeze(-1)).flatten(1)  # (B, J*E)
         out = self.decoder(masked)
-        return out.reshape(-1, 1, self.image_size, self.image_size)
+        return out.reshape(-1, self.in_channels, self.image_size, self.image_size)
 
     def forward(self, images, labels=None, digits=1):
         """images (B, 1, 28, 28) in [0, 1] -> (lengths (B, J), reconstructions (B, 1, 28, 28)).
@@ -553,11 +586,11 @@ def two_digit_scores(lengths, pair_labels):
 
 
 def build_model(cfg):
-    """CapsuleNet from the constants, for the input size of cfg's data set."""
+    """CapsuleNet from the constants and what the data decided (load_data: classes, channels, size)."""
     return CapsuleNet(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
                       cfg["NUM_CLASSES"], cfg["KERNEL_SIZE"], cfg["ROUTING_ITERATIONS"], cfg["W_INIT_STD"],
                       cfg["ROUTING_LEAKY"], (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
-                      image_size=DATASETS[cfg["DATASET"]]["image_size"],
+                      image_size=input_size(cfg), in_channels=cfg["IMAGE_CHANNELS"],
                       dft_conv=cfg["CPU_DFT_CONV"], gemm_weight_grad=cfg["CPU_GEMM_WEIGHT_GRAD"],
                       cpu_malloc_tuning=cfg["CPU_MALLOC_TUNING"])
 
@@ -576,31 +609,114 @@ def build_loss(cfg):
 
 
 # ---- data: MNIST on the device as uint8, batches by index, a shift per training image (sec. 5) ----
-def load_mnist(data_dir, train, limit=0):
-    """MNIST through torchvision -> (images uint8 (N, 28, 28), labels int64 (N,)), on the CPU.
-    Raises UsageError (one line) if the files are missing, cannot be downloaded, or are corrupt."""
-    from torchvision.datasets import MNIST
+def load_idx(kind, data_dir, train, limit=0, split=None):
+    """An MNIST-format data set through torchvision (MNIST, FashionMNIST, KMNIST, EMNIST with
+    `split`), from its IDX files in DATA_DIR/<kind>/raw -> (images uint8 (N, 28, 28), labels
+    int64 (N,), class names), on the CPU, as torchvision stores them. Raises UsageError (one
+    line) if the files are missing, cannot be downloaded, or are corrupt."""
+    import torchvision.datasets
 
-    raw = os.path.join(data_dir, "MNIST", "raw")
+    raw = os.path.join(data_dir, kind, "raw")
+    if kind == "EMNIST":
+        expected = [f"emnist-{split}-{part}-{kind_}-ubyte" for part in ("train", "test")
+                    for kind_ in ("images-idx3", "labels-idx1")]
+    else:
+        expected = list(MNIST_FILES)
     chatter = io.StringIO()  # torchvision prints its download attempts; we report one line
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            dataset = MNIST(data_dir, train=train, download=True)
-        images, labels = dataset.data, dataset.targets
+            dataset = getattr(torchvision.datasets, kind)(data_dir, train=train, download=True,
+                                                          **({"split": split} if split else {}))
+        images, labels, classes = dataset.data, dataset.targets, list(dataset.classes)
         if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or images.dtype != torch.uint8:
             raise ValueError(f"images have shape {tuple(images.shape)}, expected (N, 28, 28) uint8")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
-        if len(labels) and (labels.min() < 0 or labels.max() > 9):
-            raise ValueError("labels outside 0..9")
-    except Exception as e:  # torchvision raises many types here; all mean "no usable MNIST"
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise ValueError(f"labels outside 0..{len(classes) - 1}")
+    except Exception as e:  # torchvision raises many types here; all mean "no usable data"
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"  # e.g. which file, and why
-        raise UsageError(f"cannot load MNIST from {raw} (expected {', '.join(MNIST_FILES)}, or .gz of them, "
+        raise UsageError(f"cannot load {kind} from {raw} (expected {', '.join(expected)}, or .gz of them, "
                          f"or a network connection to download them): {type(e).__name__}: {reason}") from None
     if limit:
         images, labels = images[:limit], labels[:limit]
-    return images, labels.long()
+    return images, labels.long(), classes
+
+
+def load_mnist(data_dir, train, limit=0):
+    """MNIST through torchvision -> (images uint8 (N, 28, 28), labels int64 (N,)), on the CPU."""
+    return load_idx("MNIST", data_dir, train, limit)[:2]
+
+
+def read_cifar10(data_dir, train):
+    """CIFAR-10's python batches in DATA_DIR/cifar-10-batches-py (data_batch_1..5, test_batch: pickled
+    dicts of b"data" (N, 3072) uint8 and b"labels"), as torchvision keeps them -> images uint8
+    (N, 3, 32, 32), labels, class names. Read here rather than through torchvision, whose loader
+    insists on the MD5 sums of the real files."""
+    import pickle
+
+    import numpy as np
+
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    names = [f"data_batch_{k}" for k in range(1, 6)] if train else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
+            if len(batch_labels) != len(data):
+                raise ValueError(f"{len(batch_labels)} labels for {len(data)} images")
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"cannot load CIFAR-10 from {folder} (expected data_batch_1 ... data_batch_5 and "
+                             f"test_batch, the python version): {os.path.basename(path)}: "
+                             f"{type(e).__name__}: {e}") from None
+        images.append(data)
+        labels.append(batch_labels)
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), classes
+
+
+def read_svhn(data_dir, train):
+    """SVHN's cropped digits, DATA_DIR/train_32x32.mat and test_32x32.mat as torchvision keeps them
+    (MATLAB files, read with scipy: X (32, 32, 3, N) uint8, y (N, 1) with 10 for the digit 0) ->
+    images uint8 (N, 3, 32, 32), labels 0..9, class names. Read here rather than through
+    torchvision, whose loader insists on the MD5 sums of the real files."""
+    path = os.path.join(data_dir, f"{'train' if train else 'test'}_32x32.mat")
+    try:
+        import scipy.io
+    except ImportError:
+        raise UsageError("svhn needs scipy to read its .mat files: pip install scipy") from None
+    try:
+        mat = scipy.io.loadmat(path)
+        images = torch.from_numpy(mat["X"]).permute(3, 2, 0, 1).contiguous()  # (N, 3, 32, 32)
+        labels = torch.from_numpy(mat["y"].astype("int64")).flatten() % 10
+        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, 32, 32) or len(labels) != len(images):
+            raise ValueError(f"X {tuple(mat['X'].shape)} {mat['X'].dtype}, y {tuple(mat['y'].shape)}: expected "
+                             f"X (32, 32, 3, N) uint8 and y (N, 1)")
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise UsageError(f"cannot load SVHN from {path} (expected train_32x32.mat and test_32x32.mat in "
+                         f"{data_dir}): {type(e).__name__}: {e}") from None
+    return images, labels, [str(k) for k in range(10)]
+
+
+SMALLNORB_FILES = {True: "smallnorb-5x46789x9x18x6x2x96x96-training", False: "smallnorb-5x01235x9x18x6x2x96x96-testing"}
+
+
+def read_smallnorb(data_dir, train):
+    """smallNORB from DATA_DIR/smallnorb: the -dat.mat (N, 2, 96, 96) stereo pairs and -cat.mat (N,)
+    classes of the split (or their .gz) -> images uint8 (N, 2, 96, 96), labels, class names."""
+    stem = os.path.join(data_dir, "smallnorb", SMALLNORB_FILES[train])
+    images, labels = read_norb_matrix(stem + "-dat.mat"), read_norb_matrix(stem + "-cat.mat")
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 2 or labels.shape != images.shape[:1]:
+        raise UsageError(f"{stem}-dat.mat / -cat.mat: expected (N, 2, H, W) uint8 images and (N,) classes, got "
+                         f"{tuple(images.shape)} {images.dtype} and {tuple(labels.shape)}")
+    if len(labels) and (labels.min() < 0 or labels.max() > 4):
+        raise UsageError(f"{stem}-cat.mat: classes outside 0..4")
+    return images, labels.long(), ["animal", "human", "airplane", "truck", "car"]
 
 
 NORB_TYPES = {0x1E3D4C55: "uint8", 0x1E3D4C54: "<i4", 0x1E3D4C56: "<i2", 0x1E3D4C51: "<f4",
@@ -633,6 +749,91 @@ def read_norb_matrix(path):
         return torch.from_numpy(np.frombuffer(raw, dtype, count, header).reshape(shape).copy())
     except (OSError, EOFError, ValueError) as e:
         raise UsageError(f"cannot read {name}: {e}") from None
+
+
+def read_folder(data_dir, train, size, classes=None):
+    """Your own images: torchvision's ImageFolder over DATA_DIR/train/<class>/* (or test), every
+    file PIL reads, converted to RGB and resized to size x size -> images uint8 (N, 3, size, size),
+    labels, class names (sorted folder names; a test set takes the training set's `classes`).
+    Each problem is one UsageError naming the folder or the file."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    root = os.path.join(data_dir, "train" if train else "test")
+    layout = f"{os.path.join(data_dir, 'train')}/<class>/<image> and {os.path.join(data_dir, 'test')}/<class>/<image>"
+    if not os.path.isdir(root):
+        raise UsageError(f"folder: no directory {root} (expected {layout})")
+    try:
+        found = ImageFolder(root, is_valid_file=lambda path: not os.path.basename(path).startswith("."))
+    except FileNotFoundError as e:
+        text = str(e)
+        if "class folder" in text:
+            raise UsageError(f"folder: {root} has no class subfolders (expected {layout})") from None
+        empty = text.split("classes", 1)[-1].split(".")[0].strip() if "classes" in text else "?"
+        raise UsageError(f"folder: class {empty} in {root} has no images") from None
+    if classes is None:
+        classes = found.classes
+    unknown = sorted(set(found.classes) - set(classes))
+    if unknown:
+        raise UsageError(f"folder: {root} has classes the training set does not have: {', '.join(unknown)}")
+    images, labels = [], []
+    for path, index in found.samples:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+                images.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise UsageError(f"folder: cannot read image {path}: {type(e).__name__}: {e}") from None
+        labels.append(classes.index(found.classes[index]))
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), list(classes)
+
+
+def resize_images(images, size, chunk=2048):
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size): box averages where H and W are multiples of
+    size (smallNORB's 96 -> 48), else antialiased bilinear."""
+    N, C, H, W = images.shape
+    if (H, W) == (size, size):
+        return images
+    mode = {"mode": "area"} if H % size == 0 and W % size == 0 else {"mode": "bilinear", "antialias": True,
+                                                                         "align_corners": False}
+    out = torch.empty((N, C, size, size), dtype=torch.uint8)
+    for k in range(0, N, chunk):
+        part = F.interpolate(images[k:k + chunk].float(), size=(size, size), **mode)
+        out[k:k + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def load_split(cfg, train):
+    """One split of cfg's data set, as the model sees it before any crop -> (images uint8, (N, H, W)
+    for one channel or (N, C, H, W), labels int64 (N,), class names), on the CPU. Needs
+    cfg["CLASS_NAMES"] and cfg["IMAGE_CHANNELS"] for a folder's test split (the training set's)."""
+    spec = DATASETS[cfg["DATASET"]]
+    reader, data_dir = spec["reader"], cfg["DATA_DIR"]
+    if reader == "folder":
+        known = cfg["CLASS_NAMES"] if not train and cfg["CLASS_NAMES"] else None
+        images, labels, classes = read_folder(data_dir, train, cfg["IMAGE_SIZE"], known)
+        channels = cfg["IMAGE_CHANNELS"] or (3 if (images[:, 0] != images[:, 1]).any()
+                                             or (images[:, 1] != images[:, 2]).any() else 1)
+        if channels == 1:  # ITU-R 601-2 luma, as PIL's convert("L")
+            r, g, b = images.int().unbind(1)
+            images = ((r * 299 + g * 587 + b * 114 + 500) // 1000).to(torch.uint8)
+    elif reader in ("cifar10", "svhn", "smallnorb"):
+        images, labels, classes = {"cifar10": read_cifar10, "svhn": read_svhn,
+                                   "smallnorb": read_smallnorb}[reader](data_dir, train)
+    else:
+        images, labels, classes = load_idx(reader, data_dir, train, split=spec.get("split"))
+        if reader == "EMNIST":
+            images = images.transpose(1, 2).contiguous()  # torchvision's EMNIST images stand transposed
+        if spec.get("split") == "letters":  # labels 1..26 (0 is "N/A") -> 0..25
+            labels, classes = labels - 1, classes[1:]
+    limit = cfg["TRAIN_SIZE"] if train else cfg["TEST_SIZE"]
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    if cfg["IMAGE_SIZE"] and reader != "folder" and cfg["DATASET"] != "multimnist":
+        images = resize_images(images if images.dim() == 4 else images.unsqueeze(1), cfg["IMAGE_SIZE"])
+        images = images.squeeze(1) if images.shape[1] == 1 else images
+    return images, labels, classes
 
 
 class DeviceBatches:
@@ -707,9 +908,11 @@ def center_crop(images, size):
     return images[..., top:top + size, left:left + size]
 
 
-def to_float_images(images_u8):
-    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1]."""
-    return images_u8.unsqueeze(1).float().div_(255.0)
+def to_float_images(images_u8, crop=0):
+    """uint8 (B, H, W) (one channel) or (B, C, H, W) -> float (B, C, H, W) in [0, 1]; with `crop`, the
+    central crop x crop part (what the model sees of a test image)."""
+    images = (images_u8.unsqueeze(1) if images_u8.dim() == 3 else images_u8).float().div_(255.0)
+    return center_crop(images, crop) if crop else images
 
 
 def multimnist_draw(labels, max_shift=4, generator=None):
@@ -828,11 +1031,13 @@ class PairBatches:
 
 class Data:
     """A data set as the trainer uses it: training and test batches on the device (DeviceBatches or
-    PairBatches), its name, image size and digits per image."""
+    PairBatches), its name, class names, channels, image size as stored and as the model sees it
+    (after a crop), and the objects per image."""
 
-    def __init__(self, name, train, test):
-        self.name, self.train, self.test = name, train, test
-        self.image_size, self.digits = DATASETS[name]["image_size"], DATASETS[name]["digits"]
+    def __init__(self, name, train, test, classes, channels, stored_size, input_size):
+        self.name, self.train, self.test, self.classes = name, train, test, classes
+        self.channels, self.stored_size, self.image_size = channels, stored_size, input_size
+        self.digits = DATASETS[name]["digits"]
 
     def describe(self):
         if self.digits == 1:
@@ -843,13 +1048,17 @@ class Data:
 
 
 def load_data(cfg, device, train=True):
-    """cfg's data set on `device` -> Data (without training batches if not `train`)."""
+    """cfg's data set on `device` -> Data (without training batches if not `train`). Records what
+    the data decides in cfg (saved in checkpoints, so that the model can be rebuilt without the
+    data): NUM_CLASSES, IMAGE_CHANNELS, IMAGE_SIZE (as stored) and CLASS_NAMES."""
     splits = {}
     for split in ("train", "test") if train else ("test",):
-        limit = cfg["TRAIN_SIZE"] if split == "train" else cfg["TEST_SIZE"]
-        images, labels = (t.to(device) for t in load_mnist(cfg["DATA_DIR"], split == "train", limit))
+        images, labels, classes = load_split(cfg, split == "train")
+        if split == "train" or not cfg["CLASS_NAMES"]:
+            resolve_data_settings(cfg, images, classes)
+        images, labels = images.to(device), labels.to(device)
         batch_size = cfg["BATCH_SIZE"] if split == "train" else cfg["EVAL_BATCH_SIZE"]
-        if cfg["DATASET"] == "mnist":
+        if cfg["DATASET"] != "multimnist":
             splits[split] = DeviceBatches(images, labels, batch_size, shuffle=split == "train")
             continue
         if len(labels) and (labels == labels[0]).all():
@@ -857,14 +1066,65 @@ def load_data(cfg, device, train=True):
                              f"{len(labels)} are all {int(labels[0])} (raise --{split}-size)")
         splits[split] = PairBatches(images, labels, batch_size, cfg["MULTIMNIST_SHIFT"], fixed=split == "test",
                                     repeats=cfg["MULTIMNIST_TEST_PAIRS"])
-    return Data(cfg["DATASET"], splits.get("train"), splits["test"])
+    return Data(cfg["DATASET"], splits.get("train"), splits["test"], cfg["CLASS_NAMES"], cfg["IMAGE_CHANNELS"],
+                cfg["IMAGE_SIZE"], input_size(cfg))
+
+
+def resolve_data_settings(cfg, images, classes):
+    """NUM_CLASSES, IMAGE_CHANNELS, IMAGE_SIZE and CLASS_NAMES from the data (one split's images as
+    load_split returns them); a value given explicitly must agree. Then validate_shape(cfg)."""
+    channels = 1 if images.dim() == 3 else images.shape[1]
+    size = MULTIMNIST_CANVAS if cfg["DATASET"] == "multimnist" else images.shape[-1]
+    if cfg["NUM_CLASSES"] not in (0, len(classes)):
+        raise UsageError(f"--num-classes {cfg['NUM_CLASSES']}: {cfg['DATASET']} has {len(classes)} classes "
+                         f"(leave it 0 to follow the data)")
+    if cfg["IMAGE_CHANNELS"] not in (0, channels):
+        raise UsageError(f"--image-channels {cfg['IMAGE_CHANNELS']}: {cfg['DATASET']} images have {channels} "
+                         f"(only folder converts)")
+    cfg.update(NUM_CLASSES=len(classes), IMAGE_CHANNELS=channels, IMAGE_SIZE=size, CLASS_NAMES=list(classes))
+    validate_shape(cfg)
+
+
+def nominal_data_settings(cfg):
+    """What load_data would decide, from DATASETS' `shape` (for synthetic data: bench.py); values
+    given explicitly (IMAGE_SIZE, IMAGE_CHANNELS, NUM_CLASSES) are kept."""
+    channels, size, classes = DATASETS[cfg["DATASET"]]["shape"]
+    if cfg["DATASET"] == "multimnist":
+        cfg["IMAGE_SIZE"] = size
+    cfg.update(NUM_CLASSES=cfg["NUM_CLASSES"] or classes, IMAGE_CHANNELS=cfg["IMAGE_CHANNELS"] or channels,
+               IMAGE_SIZE=cfg["IMAGE_SIZE"] or size)
+    cfg["CLASS_NAMES"] = cfg["CLASS_NAMES"] or [str(k) for k in range(cfg["NUM_CLASSES"])]
+    validate_shape(cfg)
+    return cfg
+
+
+def input_size(cfg):
+    """The side of the images the model sees: the crop, or the image."""
+    return cfg["CROP_SIZE"] or cfg["IMAGE_SIZE"]
+
+
+def smallest_input(kernel_size):
+    """The smallest image side that leaves a 1x1 PrimaryCaps grid: Conv1 and PrimaryCaps (stride 2)."""
+    return 2 * kernel_size - 1
+
+
+def validate_shape(cfg):
+    """Raise UsageError for images too small for Conv1 + PrimaryCaps, or a crop larger than them."""
+    size, smallest = input_size(cfg), smallest_input(cfg["KERNEL_SIZE"])
+    if cfg["CROP_SIZE"] > cfg["IMAGE_SIZE"]:
+        raise UsageError(f"--crop-size {cfg['CROP_SIZE']} is larger than the {cfg['IMAGE_SIZE']}x{cfg['IMAGE_SIZE']} "
+                         f"images")
+    if size < smallest:
+        raise UsageError(f"{size}x{size} images are too small for Conv1 and PrimaryCaps ({cfg['KERNEL_SIZE']}x"
+                         f"{cfg['KERNEL_SIZE']} kernels, stride 2): the smallest size that works is {smallest}x"
+                         f"{smallest} (--image-size {smallest} or more)")
 
 
 def model_line(model, device, dtype, data):
     """The start-up line: the model, the device and the data."""
     return (f"CapsNet: {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
             f"({'bf16 autocast' if dtype else 'fp32'}); {data.name}: {data.describe()}, "
-            f"{data.image_size}x{data.image_size} input, {model.grid}x{model.grid} grid of "
+            f"{data.channels}x{data.image_size}x{data.image_size} input, {model.grid}x{model.grid} grid of "
             f"{model.num_primary:,} primary capsules, {model.num_classes} classes")
 
 
@@ -885,18 +1145,22 @@ class Stepper:
     is the gradient of the global batch's mean loss, also when the shares differ (the last batch).
     `last` holds (this process's mean loss, its labels) of the latest call, for the meters."""
 
-    def __init__(self, model, loss_fn, device, dtype, max_shift, channels_last, dist=None, ddp=None):
+    def __init__(self, model, loss_fn, device, dtype, max_shift, channels_last, dist=None, ddp=None, crop=0,
+                 flip=False):
         self.model, self.loss_fn = model, loss_fn
         self.device, self.dtype = device, dtype
         self.max_shift, self.channels_last = max_shift, channels_last
         self.dist, self.ddp = dist, ddp
+        self.crop, self.flip = crop, flip  # CIFAR10 and smallNORB: random crops (and flips) in training
         self.last = None
 
     def __call__(self, sample):
         training = self.model.training  # the mode is the model's: model.train() / model.eval()
-        images = to_float_images(sample[0])
+        images = to_float_images(sample[0], 0 if training else self.crop)
         if training:
             images = random_shift(images, self.max_shift)
+            if self.crop or self.flip:
+                images = random_crop_flip(images, self.crop or images.shape[-1], self.flip)
         batch = len(images)
         share = slice(None)
         if training and self.ddp is not None:
@@ -1106,7 +1370,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.network = Stepper(model, build_loss(cfg), device, self.dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
-                               dist, ddp)
+                               dist, ddp, cfg["CROP_SIZE"], cfg["FLIP"])
         self.data, self.train_batches = data, data.train
         self.test_batches = data.test.shard(dist.rank, dist.world)  # each process tests its part
         self.start_epoch, self.best_accuracy = start_epoch, best_accuracy
@@ -1388,7 +1652,7 @@ def run_eval(cfg, ckpt):
     model = place_model(build_model(cfg), cfg, device)
     load_weights(model, ckpt["model"])
     dtype = amp_dtype(device, cfg["AMP"])
-    network = Stepper(model, build_loss(cfg), device, dtype, 0, cfg["CHANNELS_LAST"])
+    network = Stepper(model, build_loss(cfg), device, dtype, 0, cfg["CHANNELS_LAST"], crop=cfg["CROP_SIZE"])
     stats, meters = PassStats(device), pass_meters(cfg["NUM_CLASSES"], data.digits)
     model.eval()
     started = time.perf_counter()
@@ -1462,7 +1726,7 @@ def run_visualize(cfg, ckpt):
     return written
 
 
-MODEL_KEYS = ("DATASET", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
+MODEL_KEYS = ("DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAMES", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
               "ROUTING_ITERATIONS", "ROUTING_LEAKY", "W_INIT_STD", "DECODER_HIDDEN1", "DECODER_HIDDEN2",
               "M_PLUS", "M_MINUS", "LAMBDA_ABSENT", "RECON_WEIGHT")  # what an exported model carries: shape, loss
 
@@ -2013,9 +2277,12 @@ def constants_table(path=__file__):
     return re.findall(r"^([A-Z][A-Z0-9_]*) = .*?  # (.+)$", block, re.M)
 
 
+DATA_DECIDED = {"CLASS_NAMES": []}  # set from the data (load_data), saved in checkpoints; no flags
+
+
 def default_config():
-    """The constants at the top of this file, as a dict."""
-    return {name: globals()[name] for name, _ in constants_table()}
+    """The constants at the top of this file, as a dict, and what the data will decide."""
+    return dict({name: globals()[name] for name, _ in constants_table()}, **copy.deepcopy(DATA_DECIDED))
 
 
 def validate_config(cfg):
@@ -2040,8 +2307,13 @@ def validate_config(cfg):
         (cfg["ROUTING_ITERATIONS"] >= 1, "--routing-iterations must be >= 1"),
         (min(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
              cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]) >= 1, "layer sizes must be >= 1"),
-        (cfg["NUM_CLASSES"] == 10, "--num-classes must be 10 for MNIST"),
-        (cfg["KERNEL_SIZE"] in (9,), "--kernel-size must be 9 (the 6x6 capsule grid needs it)"),
+        (cfg["NUM_CLASSES"] >= 0, "--num-classes must be >= 0 (0 = the data set's)"),
+        (cfg["KERNEL_SIZE"] >= 1, "--kernel-size must be >= 1"),
+        (cfg["IMAGE_SIZE"] >= 0, "--image-size must be >= 0 (0 = as stored)"),
+        (cfg["IMAGE_CHANNELS"] in (0, 1, 2, 3), "--image-channels must be 1 or 3 (0 = the data set's)"),
+        (cfg["CROP_SIZE"] >= 0, "--crop-size must be >= 0 (0 = no crops)"),
+        (cfg["DATASET"] != "multimnist" or (cfg["CROP_SIZE"] == 0 and cfg["IMAGE_SIZE"] in (0, MULTIMNIST_CANVAS)),
+         "multimnist images are 36x36: leave --image-size and --crop-size 0"),
         (cfg["W_INIT_STD"] > 0, "--w-init-std must be > 0"),
         (0 <= cfg["M_MINUS"] < cfg["M_PLUS"] <= 1, "need 0 <= --m-minus < --m-plus <= 1"),
         (cfg["LAMBDA_ABSENT"] >= 0, "--lambda-absent must be >= 0"),
@@ -2117,7 +2389,7 @@ def make_config(args, ckpt):
     """Constants, then the checkpoint's (when resuming), then a --preset given now, then the other
     flags given on the command line."""
     cfg = default_config()
-    explicit = {name: getattr(args, name) for name in cfg if getattr(args, name) is not None}
+    explicit = {name: getattr(args, name) for name in cfg if getattr(args, name, None) is not None}
     saved = ckpt.get("config", {}) if ckpt is not None else {}
     dataset = explicit.get("DATASET", saved.get("DATASET", cfg["DATASET"]))
     if dataset not in DATASETS:
