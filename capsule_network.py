@@ -285,17 +285,17 @@ class CompiledOrEager:
     def failed(self):
         return self.fn is self.eager
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if self.failed:
-            return self.eager(*args)
+            return self.eager(*args, **kwargs)
         try:
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
         except Exception as e:  # torch._dynamo / inductor raise many types
             first = (str(e).strip().splitlines() or [""])[0][:160]
             print(f"warning: torch.compile failed ({type(e).__name__}: {first}); running eagerly",
                   file=sys.stderr)
             self.fn = self.eager
-            return self.eager(*args)
+            return self.eager(*args, **kwargs)
 
 
 class CapsuleNet(nn.Module):
