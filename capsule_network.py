@@ -1521,11 +1521,12 @@ class Trainer:
         if self.data.digits == 1:
             test_images, test_labels = self.data.test.take(self.data.test.rows)
             with torch.no_grad(), autocast(self.device, self.dtype):
-                images = to_float_images(test_images[:n])
+                images = to_float_images(test_images[:n], self.cfg["CROP_SIZE"])
                 _, recon = self.model(images)
-            grid = make_grid(torch.cat([images, recon.float()]).cpu(), nrow=n, padding=2, pad_value=0.5)
+            grid = make_grid(viewable(torch.cat([images, recon.float()])).cpu(), nrow=n, padding=2, pad_value=0.5)
             if self.cfg["VISUALIZE_EVERY_EPOCH"]:
-                figures = visual_figures(self.model, test_images, test_labels, self.cfg["NUM_CLASSES"])
+                figures = visual_figures(self.model, test_images, test_labels, self.cfg["NUM_CLASSES"],
+                                         self.cfg["CROP_SIZE"])
         else:  # Fig. 5 is the reconstruction window of two-digit images
             tiles = fig5_tiles(self.model, *self.data.test.take(n)[:2])
             grid, caption = tiles["grid"], fig5_caption(tiles)
@@ -1604,8 +1605,8 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False):
     if len(set(dist.gather(ckpt["epoch"] if ckpt else None))) > 1:
         raise UsageError("the processes found different checkpoints: RUN_DIR and --resume must be on a file "
                          "system that every machine sees")
+    data = load_data(cfg, device)  # before anything is written: bad data is one line and nothing else
     os.makedirs(cfg["RUN_DIR"], exist_ok=True)
-    data = load_data(cfg, device)
     last = data.train.rows % cfg["BATCH_SIZE"]
     if 0 < last < dist.world:
         raise UsageError(f"the last training batch holds {last} images, fewer than the {dist.world} processes: "
@@ -1646,44 +1647,81 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False):
 
 
 # ---- the other modes: --eval-only, --visualize, --export-weights ----
-def run_eval(cfg, ckpt):
+def run_eval(cfg, ckpt, others=()):
+    """--eval-only: the test set through the checkpoint's model; with `others` (more checkpoints
+    of the same data set and classes), also their ensemble: the capsule lengths averaged over the
+    models before the argmax (the paper's CIFAR10 ensemble; the authors' code sums them)."""
     device, _ = prepare(cfg)
     data = load_data(cfg, device, train=False)
-    model = place_model(build_model(cfg), cfg, device)
-    load_weights(model, ckpt["model"])
     dtype = amp_dtype(device, cfg["AMP"])
-    network = Stepper(model, build_loss(cfg), device, dtype, 0, cfg["CHANNELS_LAST"], crop=cfg["CROP_SIZE"])
-    stats, meters = PassStats(device), pass_meters(cfg["NUM_CLASSES"], data.digits)
-    model.eval()
+    members = [(cfg, ckpt)] + [(member_config(cfg, other), other) for other in others]
+    steppers = []
+    for member_cfg, member in members:
+        model = place_model(build_model(member_cfg), member_cfg, device)
+        load_weights(model, member["model"])
+        model.eval()
+        steppers.append(Stepper(model, build_loss(member_cfg), device, dtype, 0, cfg["CHANNELS_LAST"],
+                                crop=cfg["CROP_SIZE"]))
+    stats = [PassStats(device) for _ in range(len(members) + (len(members) > 1))]
     started = time.perf_counter()
     with torch.no_grad():
         for sample in data.test:
-            loss, lengths = network(sample)
-            stats.add(loss, lengths, sample[1])
+            outputs = [step(sample) for step in steppers]
+            for (loss, lengths), st in zip(outputs, stats):
+                st.add(loss, lengths, sample[1])
+            if len(members) > 1:
+                mean = torch.stack([lengths for _, lengths in outputs]).mean(0)
+                stats[-1].add(torch.stack([loss for loss, _ in outputs]).mean(), mean, sample[1])
     sync(device)
     seconds = time.perf_counter() - started
-    stats.feed(meters)
-    values = meter_values(meters)
-    result = {"dataset": data.name, "test_accuracy": values["accuracy"], "test_loss": values["loss"],
-              "test_images": data.test.rows, "seconds": round(seconds, 3), "device": str(device),
-              "dtype": "bf16" if dtype else "fp32", "checkpoint_epoch": ckpt.get("epoch")}
+    results = []
+    for k, st in enumerate(stats):
+        meters = pass_meters(cfg["NUM_CLASSES"], data.digits)
+        st.feed(meters)
+        values = meter_values(meters)
+        name = "ensemble" if k == len(members) else f"model {k + 1}"
+        result = {"dataset": data.name, "test_accuracy": values["accuracy"], "test_loss": values["loss"],
+                  "test_images": data.test.rows, "seconds": round(seconds, 3), "device": str(device),
+                  "dtype": "bf16" if dtype else "fp32",
+                  "checkpoint_epoch": None if name == "ensemble" else members[k][1].get("epoch")}
+        if "accuracy_any" in values:
+            result["test_accuracy_any"] = values["accuracy_any"]
+        result["confusion"] = meters["confusion"].value().tolist()
+        results.append(result)
+        if len(members) > 1:
+            what = "the mean of their capsule lengths" if name == "ensemble" else members[k][1].get("path", "")
+            print(f"{name} ({what}): test accuracy {result['test_accuracy']:.2f}%"
+                  + ("" if name == "ensemble" else f"  test loss {result['test_loss']:.4f}"))
+    result = results[-1]
     if data.digits == 1:
         print(f"test accuracy {result['test_accuracy']:.2f}%  test loss {result['test_loss']:.4f}  "
+              f"({data.test.rows:,} images, {seconds:.1f}s)" if len(members) == 1 else
+              f"ensemble of {len(members)}: test accuracy {result['test_accuracy']:.2f}%  "
               f"({data.test.rows:,} images, {seconds:.1f}s)")
         print("confusion matrix (rows: true class, columns: predicted):")
     else:
-        result["test_accuracy_any"] = values["accuracy_any"]
         print(f"{data.name}: both digits right {result['test_accuracy']:.2f}% (error "
               f"{100 - result['test_accuracy']:.2f}%), at least one right {result['test_accuracy_any']:.2f}%  "
               f"test loss {result['test_loss']:.4f}  ({data.test.rows:,} pairs, {seconds:.1f}s)")
         print("confusion matrix of the digits (rows: true class, columns: the capsule matched to it):")
-    confusion = meters["confusion"].value()
-    for k, counts in enumerate(confusion):
+    for k, counts in enumerate(result["confusion"]):
         print(f"  {k}: " + " ".join(f"{int(c):5d}" for c in counts))
     os.makedirs(cfg["RUN_DIR"], exist_ok=True)
     with open(os.path.join(cfg["RUN_DIR"], "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(result, confusion=confusion.tolist()), f, indent=1)
+        json.dump(result if len(members) == 1 else dict(result, members=results[:-1]), f, indent=1)
     return result
+
+
+def member_config(cfg, ckpt):
+    """The constants of another checkpoint of an ensemble: its model's, cfg's data (which must agree)."""
+    member = dict(cfg)
+    member.update({k: v for k, v in ckpt.get("config", {}).items() if k in MODEL_KEYS})
+    for key in ("DATASET", "NUM_CLASSES", "IMAGE_CHANNELS", "IMAGE_SIZE", "CROP_SIZE"):
+        if member[key] not in (cfg[key], 0):
+            raise UsageError(f"--resume {ckpt.get('path')}: an ensemble needs one data set and shape, but its "
+                             f"{key} is {member[key]!r}, the first model's {cfg[key]!r}")
+        member[key] = cfg[key]
+    return member
 
 
 def run_visualize(cfg, ckpt):
@@ -1698,7 +1736,7 @@ def run_visualize(cfg, ckpt):
     written = []
     if data.digits == 1:
         test_images, test_labels = data.test.take(data.test.rows)
-        figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"])
+        figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"], cfg["CROP_SIZE"])
         _, digit_labels = one_per_class(test_images, test_labels, cfg["NUM_CLASSES"])
         for grid, label in zip(figures["fig4_per_digit"], digit_labels.tolist()):
             written.append(os.path.join(out, f"fig4_digit{label}.png"))
@@ -1724,6 +1762,61 @@ def run_visualize(cfg, ckpt):
             written.append(os.path.join(out, "routing_logit_change.png"))
     print("wrote " + ", ".join(written))
     return written
+
+
+def run_predict(cfg, ckpt, paths):
+    """--predict: each image file converted as the model's data was (channels, size, the central
+    crop; for the MNIST-like data sets a dark digit on a light background is inverted, and the
+    output says so) -> the predicted class and every class's capsule length, printed, in
+    RUN_DIR/predictions.json, and RUN_DIR/predict_<name>.png: the input beside its reconstruction.
+    Every file is read before anything is written."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.utils import make_grid, save_image
+
+    device, _ = prepare(cfg)
+    if not cfg["IMAGE_SIZE"]:  # a checkpoint from before the data decided these: the data set's shape
+        nominal_data_settings(cfg)
+    model = build_model(cfg).to(device)
+    load_weights(model, ckpt["model"])
+    model.eval()
+    dark_on_light = DATASETS[cfg["DATASET"]]["reader"] in ("MNIST", "FashionMNIST", "KMNIST", "EMNIST")
+    size, channels = cfg["IMAGE_SIZE"], cfg["IMAGE_CHANNELS"]
+    inputs, inverted = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if channels != 3 else "RGB").resize((size, size), Image.BILINEAR)
+                x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--predict: cannot read image {path}: {type(e).__name__}: {e}") from None
+        x = x.permute(2, 0, 1) if x.dim() == 3 else x.unsqueeze(0).repeat(channels, 1, 1)  # (C, H, W)
+        flip = dark_on_light and x.float().mean() > 127.5  # MNIST's digits are light on black
+        inputs.append(255 - x if flip else x)
+        inverted.append(bool(flip))
+    images = to_float_images(torch.stack(inputs).to(device), cfg["CROP_SIZE"])
+    with torch.no_grad():
+        lengths, recon = model(images)
+    names = cfg["CLASS_NAMES"] or [str(k) for k in range(cfg["NUM_CLASSES"])]
+    os.makedirs(cfg["RUN_DIR"], exist_ok=True)
+    predictions = []
+    for k, path in enumerate(paths):
+        best = int(lengths[k].argmax())
+        stem = os.path.splitext(os.path.basename(path))[0]
+        picture = os.path.join(cfg["RUN_DIR"], f"predict_{stem}.png")
+        save_image(make_grid(viewable(torch.stack([images[k], recon[k]])).cpu(), nrow=2, padding=2, pad_value=0.5),
+                   picture)
+        predictions.append({"image": path, "class": best, "class_name": names[best], "inverted": inverted[k],
+                            "lengths": {name: round(float(v), 4) for name, v in zip(names, lengths[k])},
+                            "picture": picture})
+        note = " (a dark digit on a light background: inverted first, as MNIST's are light on black)" \
+            if inverted[k] else ""
+        print(f"{path}: class {names[best]} (capsule length {float(lengths[k, best]):.3f}){note}")
+        print("  " + "  ".join(f"{name}: {float(v):.3f}" for name, v in zip(names, lengths[k])))
+    with open(os.path.join(cfg["RUN_DIR"], "predictions.json"), "w", encoding="utf-8") as f:
+        json.dump(predictions, f, indent=1)
+    print(f"wrote {os.path.join(cfg['RUN_DIR'], 'predictions.json')} and the predict_*.png pictures")
+    return predictions
 
 
 MODEL_KEYS = ("DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAMES", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
@@ -1915,18 +2008,25 @@ def one_per_class(images, labels, num_classes):
     return images[picks], labels[picks]
 
 
-def visual_figures(model, images_u8, labels, num_classes):
-    """All capsule figures as CHW float images in [0, 1] (CPU), for PNG files and Visdom."""
+def viewable(images):
+    """Images (..., C, H, W) as make_grid shows them: one or three channels (of a stereo pair, the
+    first camera's image)."""
+    return images[..., :1, :, :] if images.shape[-3] == 2 else images
+
+
+def visual_figures(model, images_u8, labels, num_classes, crop=0, most=10):
+    """All capsule figures as CHW float images in [0, 1] (CPU), for PNG files and Visdom: for the
+    first test image of each of the first `most` classes (test images centre-cropped by `crop`)."""
     from torchvision.utils import make_grid
 
     was_training = model.training
     model.eval()
     digits, _ = one_per_class(images_u8, labels, num_classes)
-    x = to_float_images(digits)
-    pert = perturbation_grid(model, x)  # (K, E, S, 1, 28, 28)
+    x = to_float_images(digits[:most], crop)
+    pert = viewable(perturbation_grid(model, x))  # (K, E, S, C, H, W)
     per_digit = [make_grid(p.flatten(0, 1).float().cpu(), nrow=p.shape[1], padding=1, pad_value=0.5)
                  for p in pert]
-    masks = class_mask_grid(model, x)  # (K, J, 1, 28, 28)
+    masks = viewable(class_mask_grid(model, x))  # (K, J, C, H, W)
     maps = coupling_maps(model, x[:1]).float().cpu()  # (J, T, 6, 6)
     scaled = (maps - maps.min()) / (maps.max() - maps.min()).clamp_min(1e-12)  # smallest black, largest white
     panels = [make_grid(F.interpolate(m.unsqueeze(1), scale_factor=4, mode="nearest"), nrow=8, padding=1,
@@ -1935,7 +2035,7 @@ def visual_figures(model, images_u8, labels, num_classes):
     return {
         "fig4_per_digit": per_digit,
         "fig4": make_grid(torch.stack(per_digit), nrow=5, padding=6, pad_value=1.0),
-        "class_masks": make_grid(torch.cat([x.cpu().unsqueeze(1), masks.float().cpu()], 1).flatten(0, 1),
+        "class_masks": make_grid(torch.cat([viewable(x).cpu().unsqueeze(1), masks.float().cpu()], 1).flatten(0, 1),
                                  nrow=masks.shape[1] + 1, padding=2, pad_value=0.5),
         "couplings": make_grid(torch.stack(panels), nrow=5, padding=6, pad_value=1.0),
         "coupling_maps": maps,
@@ -2089,9 +2189,9 @@ def load_checkpoint(path):
     except Exception as e:
         raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__})") from None
     if isinstance(ckpt, dict) and "model" in ckpt:
-        return ckpt
+        return dict(ckpt, path=path)
     if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
-        return {"model": ckpt}
+        return {"model": ckpt, "path": path}
     raise UsageError(f"--resume: {path} holds neither a checkpoint nor a model state dict")
 
 
@@ -2369,9 +2469,10 @@ def build_parser():
         description="Train, evaluate or visualise CapsNet (Sabour et al., 2017) on MNIST or MultiMNIST.",
     )
     add_constant_flags(parser)
-    parser.add_argument("--resume", metavar="PATH",
+    parser.add_argument("--resume", metavar="PATH", action="append",
                         help="continue from a checkpoint (last.pt, best.pt); auto: from RUN_DIR/last.pt if it "
-                             "exists, else start a new run there (for restarted or requeued jobs)")
+                             "exists, else start a new run there (for restarted or requeued jobs); given several "
+                             "times with --eval-only: evaluate the ensemble of those models")
     parser.add_argument("--eval-only", action="store_true",
                         help="with --resume: evaluate on the test set, print accuracy and confusion matrix")
     parser.add_argument("--visualize", action="store_true",
@@ -2380,6 +2481,9 @@ def build_parser():
                         help="hand over to bench.py (the same flags): time training and evaluation against "
                              "the baseline")
     parser.add_argument("--benchmark-json", metavar="PATH", help="with --benchmark: bench.py's --json PATH")
+    parser.add_argument("--predict", metavar="IMAGE", nargs="+",
+                        help="with --resume: classify these image files (converted as the model's data was), "
+                             "write RUN_DIR/predictions.json and a PNG of each beside its reconstruction")
     parser.add_argument("--export-weights", metavar="PATH",
                         help="with --resume: write the model weights alone, in fp16, to PATH")
     return parser
@@ -2440,7 +2544,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     dist = Distributed()  # torchrun's environment; a world of one without it
-    training = not (args.export_weights or args.eval_only or args.visualize)
+    training = not (args.export_weights or args.eval_only or args.visualize or args.predict)
     if dist.enabled and not training and not dist.main:
         return 0  # evaluation, figures and export run in rank 0 alone
     with contextlib.ExitStack() as stack:
@@ -2462,9 +2566,13 @@ def main(argv=None):
 
 
 def run_mode(args, training, dist):
-    for flag in ("eval_only", "visualize", "export_weights"):
+    for flag in ("eval_only", "visualize", "export_weights", "predict"):
         if getattr(args, flag) and not args.resume:
             raise UsageError(f"--{flag.replace('_', '-')} needs --resume PATH")
+    resumes = args.resume or []
+    if len(resumes) > 1 and not args.eval_only:
+        raise UsageError("several --resume checkpoints are an ensemble: only with --eval-only")
+    args.resume = resumes[0] if resumes else None
     resume_auto = args.resume == "auto"
     if resume_auto:  # RUN_DIR/last.pt if it exists, else a fresh run in RUN_DIR
         if not training:
@@ -2476,7 +2584,9 @@ def run_mode(args, training, dist):
     if args.export_weights:
         export_weights(ckpt, cfg, args.export_weights)
     elif args.eval_only:
-        run_eval(cfg, ckpt)
+        run_eval(cfg, ckpt, [load_checkpoint(path) for path in resumes[1:]])
+    elif args.predict:
+        run_predict(cfg, ckpt, args.predict)
     elif args.visualize:
         run_visualize(cfg, ckpt)
     else:
