@@ -736,6 +736,8 @@ def read_norb_matrix(path):
     try:
         with (gzip.open if name.endswith(".gz") else open)(name, "rb") as f:
             raw = f.read()
+        if len(raw) < 20:
+            raise ValueError(f"not a NORB binary matrix (only {len(raw)} bytes)")
         magic, ndim = np.frombuffer(raw[:8], "<i4")
         if int(magic) & 0xFFFFFFFF not in NORB_TYPES or not 0 < ndim <= 16:
             raise ValueError(f"not a NORB binary matrix (magic number {int(magic) & 0xFFFFFFFF:#x})")
