@@ -136,9 +136,9 @@ DATASETS = {
     # labels start at 1 (load_split makes them 0..25)
     "emnist-balanced": {"shape": (1, 28, 47), "reader": "EMNIST", "split": "balanced", "digits": 1, "settings": {}},
     "emnist-letters": {"shape": (1, 28, 26), "reader": "EMNIST", "split": "letters", "digits": 1, "settings": {}},
-    # sec. 7: three colour channels, 64 primary capsule types, random 24x24 crops (the central one at
-    # test), and a "none-of-the-above" routing option; flips as the authors' code does for CIFAR10.
-    # Their shift of MNIST images is replaced by the crops.
+    # sec. 7: three colour channels, 64 primary capsule types, 24x24 patches (random crops in training,
+    # the central one at test) and a "none-of-the-above" routing option. Left-right flips are the
+    # usual CIFAR10 augmentation; the paper names only the patches. The crops replace MNIST's shift.
     "cifar10": {"shape": (3, 32, 10), "reader": "cifar10", "digits": 1, "settings": {"PRIMARY_CAPS": 64, "CROP_SIZE": 24, "FLIP": True,
                                                                "ROUTING_LEAKY": True, "MAX_SHIFT": 0}},
     # sec. 7: the smaller network the paper trained on SVHN (64 Conv1 channels, 16 primary capsule
