@@ -41,17 +41,21 @@ BENCHMARK_BASELINE = True  # also time direct fp32 use and the gram-ai-structure
 # ---- the baseline: a gram-ai-structured CapsNet ----
 class GramStyleCapsNet(nn.Module):
     """A CapsNet laid out like gram-ai/capsule-networks, for the speed baseline only: eight separate
-    primary-capsule convolutions, a (10, B, 1152, 1, 16) routing tensor and a softmax over the
-    lengths, all fp32. Same layer sizes as CapsuleNet; its semantic bugs are kept on purpose
-    (this is the structure users run), and nothing trains with it."""
+    primary-capsule convolutions, a (classes, B, children, 1, 16) routing tensor (u_hat, built in
+    full) and a softmax over the lengths, all fp32. Same layer sizes as CapsuleNet, for any input
+    shape and number of classes (MNIST: 1 x 28 x 28, 1,152 children, 10 classes); its semantic bugs
+    are kept on purpose (this is the structure users run), and nothing trains with it."""
 
-    def __init__(self):
+    def __init__(self, in_channels=1, image_size=28, classes=10, types=32):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 256, 9)
-        self.primary = nn.ModuleList([nn.Conv2d(256, 32, 9, stride=2) for _ in range(8)])
-        self.route_weights = nn.Parameter(0.01 * torch.randn(10, 1152, 8, 16))
-        self.decoder = nn.Sequential(nn.Linear(160, 512), nn.ReLU(inplace=True), nn.Linear(512, 1024),
-                                     nn.ReLU(inplace=True), nn.Linear(1024, 784), nn.Sigmoid())
+        self.classes = classes
+        grid = ((image_size - 8) - 9) // 2 + 1
+        self.conv1 = nn.Conv2d(in_channels, 256, 9)
+        self.primary = nn.ModuleList([nn.Conv2d(256, types, 9, stride=2) for _ in range(8)])
+        self.route_weights = nn.Parameter(0.01 * torch.randn(classes, types * grid * grid, 8, 16))
+        self.decoder = nn.Sequential(nn.Linear(16 * classes, 512), nn.ReLU(inplace=True), nn.Linear(512, 1024),
+                                     nn.ReLU(inplace=True), nn.Linear(1024, in_channels * image_size ** 2),
+                                     nn.Sigmoid())
 
     @staticmethod
     def squash(t, dim=-1):
@@ -60,26 +64,26 @@ class GramStyleCapsNet(nn.Module):
 
     def forward(self, x, y=None):
         x = F.relu(self.conv1(x), inplace=True)
-        u = torch.cat([conv(x).reshape(x.size(0), -1, 1) for conv in self.primary], dim=-1)  # (B, 1152, 8)
+        u = torch.cat([conv(x).reshape(x.size(0), -1, 1) for conv in self.primary], dim=-1)  # (B, children, 8)
         u = self.squash(u)
-        priors = u[None, :, :, None, :] @ self.route_weights[:, None, :, :, :]  # (10, B, 1152, 1, 16)
+        priors = u[None, :, :, None, :] @ self.route_weights[:, None, :, :, :]  # (classes, B, children, 1, 16)
         logits = torch.zeros_like(priors)
         for i in range(3):
             probs = F.softmax(logits, dim=2)
             v = self.squash((probs * priors).sum(dim=2, keepdim=True))  # (10, B, 1, 1, 16)
             if i != 2:
                 logits = logits + (priors * v).sum(dim=-1, keepdim=True)
-        v = v.squeeze(2).squeeze(2).transpose(0, 1)  # (B, 10, 16)
+        v = v.squeeze(2).squeeze(2).transpose(0, 1)  # (B, classes, 16)
         classes = F.softmax((v ** 2).sum(dim=-1) ** 0.5, dim=-1)
         if y is None:
             y = classes.argmax(dim=1)
-        mask = torch.eye(10, device=x.device).index_select(0, y)
+        mask = torch.eye(self.classes, device=x.device).index_select(0, y)
         recon = self.decoder((v * mask[:, :, None]).reshape(x.size(0), -1))
         return classes, recon
 
 
 def gram_style_loss(images, labels, classes, recon):
-    onehot = F.one_hot(labels, 10).float()
+    onehot = F.one_hot(labels, classes.shape[1]).float()
     margin = onehot * F.relu(0.9 - classes) ** 2 + 0.5 * (1 - onehot) * F.relu(classes - 0.1) ** 2
     return (margin.sum() + 0.0005 * ((recon - images.flatten(1)) ** 2).sum()) / images.size(0)
 
@@ -129,6 +133,18 @@ def data_batch(cfg, batch_size, device):
                            cfg["NUM_CLASSES"])
 
 
+def limit_memory():
+    """Cap this process's address space at the memory the machine has free, so that a shape too
+    large for it ends in a MemoryError of this worker (reported as a result) rather than in the
+    kernel's out-of-memory killer picking a process."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        resource.setrlimit(resource.RLIMIT_AS, (free, free))
+    except (OSError, StopIteration, ValueError):
+        pass
+
+
 def peak_memory_mib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -141,16 +157,19 @@ def benchmark_worker(cfg, kind):
     Adam called directly, as a user's own script would. After its warm-up it prints one JSON line,
     then answers each line "train N" / "eval N" on stdin with N step times, and "done" with its
     peak memory."""
+    limit_memory()
     device = cn.resolve_device(cfg["DEVICE"])
     cn.seed_everything(cfg["SEED"])
+    shape = (cfg["IMAGE_CHANNELS"], cn.input_size(cfg), cfg["NUM_CLASSES"], cfg["PRIMARY_CAPS"])
     if kind == "baseline":
-        model, loss_fn = GramStyleCapsNet().to(device), gram_style_loss
+        model, loss_fn = GramStyleCapsNet(*shape).to(device), gram_style_loss
     else:
-        model, loss_fn = cn.CapsuleNet().to(device), cn.CapsuleLoss()
+        model = cn.CapsuleNet(primary_caps=shape[3], num_classes=shape[2], image_size=shape[1], in_channels=shape[0])
+        model, loss_fn = model.to(device), cn.CapsuleLoss()
     optimizer = torch.optim.Adam(model.parameters())
-    images_u8, labels = synthetic_batch(cfg["BATCH_SIZE"], cfg["SEED"], device)
-    images = cn.to_float_images(images_u8)
-    eval_images = cn.to_float_images(synthetic_batch(cfg["EVAL_BATCH_SIZE"], cfg["SEED"], device)[0])
+    images_u8, labels = data_batch(cfg, cfg["BATCH_SIZE"], device)
+    images = cn.to_float_images(images_u8, cfg["CROP_SIZE"])
+    eval_images = cn.to_float_images(data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)[0], cfg["CROP_SIZE"])
 
     def train_step():
         optimizer.zero_grad()
@@ -182,7 +201,10 @@ class WorkerProgram:
         args = [sys.executable, os.path.abspath(__file__), "--worker", kind,
                 "--device", cfg["DEVICE"], "--batch-size", str(cfg["BATCH_SIZE"]),
                 "--eval-batch-size", str(cfg["EVAL_BATCH_SIZE"]), "--seed", str(cfg["SEED"]),
-                "--benchmark-warmup", str(cfg["BENCHMARK_WARMUP"])]
+                "--benchmark-warmup", str(cfg["BENCHMARK_WARMUP"]), "--dataset", cfg["DATASET"],
+                "--image-size", str(cfg["IMAGE_SIZE"]), "--image-channels", str(cfg["IMAGE_CHANNELS"]),
+                "--num-classes", str(cfg["NUM_CLASSES"]), "--crop-size", str(cfg["CROP_SIZE"]),
+                "--primary-caps", str(cfg["PRIMARY_CAPS"])]
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      text=True, bufsize=1)
@@ -241,8 +263,8 @@ def alternate_segments(programs, steps, rounds):
 def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     device, malloc_tuned = cn.prepare(cfg)
     workers = {}
-    if cfg["BENCHMARK_BASELINE"] and cfg["DATASET"] != "mnist":
-        print(f"note: the baseline and direct programs are MNIST-shaped; {cfg['DATASET']} is timed alone")
+    if cfg["BENCHMARK_BASELINE"] and cfg["DATASET"] == "multimnist":
+        print(f"note: the baseline and direct programs take one digit per image; {cfg['DATASET']} is timed alone")
     elif cfg["BENCHMARK_BASELINE"]:  # they start (and warm up) while this process warms up
         workers = {kind: WorkerProgram(cfg, kind) for kind in ("direct", "baseline")}
     model = cn.place_model(cn.build_model(cfg), cfg, device)
@@ -305,7 +327,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
                      "cudnn_benchmark": device.type == "cuda", "tf32": device.type == "cuda"},
         "torch": torch.__version__,
     }
-    print(f"device {result['device_name']}, {result['dtype']}, {cfg['DATASET']} {result['input']}, "
+    print(f"device {result['device_name']}, {result['dtype']}, {cfg['DATASET']} {model.in_channels}x{result['input']} "
+          f"({model.num_classes} classes), "
           f"batch {cfg['BATCH_SIZE']} (eval "
           f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} "
           f"warm-up, programs alternating in {cfg['BENCHMARK_ROUNDS']} rounds, torch {torch.__version__}")
@@ -327,7 +350,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
             print(line + f"({labels[kind][1]})")
         else:
             result[f"{prefix}seconds_per_mnist_epoch"] = round(60000 / train_ips + 10000 / eval_ips, 1)
-            print(line + f"~{60000 / train_ips + 10000 / eval_ips:.1f} s per epoch of 60k training and 10k test "
+            print(line + f"~{60000 / train_ips + 10000 / eval_ips:.1f} s per 60k training and 10k test "
                          f"{'pairs' if cfg['DATASET'] == 'multimnist' else 'images'}"
                   + (f", peak memory {result['peak_memory_mib']:.0f} MiB" if kind == "this" else
                      f" ({labels[kind][1]})"))
@@ -379,7 +402,7 @@ def build_parser():
 def make_config(args):
     """The trainer's constants and this file's, then the flags given."""
     cfg = dict(cn.default_config(), **{name: globals()[name] for name, _ in cn.constants_table(__file__)})
-    explicit = {name: getattr(args, name) for name in cfg if getattr(args, name) is not None}
+    explicit = {name: getattr(args, name) for name in cfg if getattr(args, name, None) is not None}
     cfg.update(cn.DATASETS.get(explicit.get("DATASET", cfg["DATASET"]), {}).get("settings", {}))
     cfg.update(explicit)
     cn.validate_config(cfg)
