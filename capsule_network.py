@@ -1828,6 +1828,8 @@ MODEL_KEYS = ("DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAM
 
 def export_weights(ckpt, cfg, path):
     """The model weights alone, in fp16, with the constants that define the model (no paths)."""
+    if not cfg["IMAGE_SIZE"]:  # a checkpoint from before the data's shape was saved: the data set's
+        nominal_data_settings(cfg)
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     atomic_torch_save({"model": state, "config": {k: cfg[k] for k in MODEL_KEYS}, "epoch": ckpt.get("epoch")},
                       path)
