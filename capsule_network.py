@@ -1,4 +1,4 @@
-"""CapsNet with dynamic routing, trained on MNIST or MultiMNIST, in one script.
+"""CapsNet with dynamic routing, trained on MNIST, MultiMNIST, other data sets or your own images, in one script.
 
 Sabour, Frosst & Hinton, "Dynamic Routing Between Capsules", NIPS 2017 (arXiv:1710.09829):
 Conv1 -> PrimaryCaps -> DigitCaps with routing-by-agreement (Procedure 1), margin loss (eq. 4)
@@ -17,11 +17,13 @@ The file, top to bottom:
     PrimaryCaps    the CPU's faster ways to compute the same convolution (GEMM gradient, DFTs)
     loss           CapsuleLoss: margin loss + 0.0005 x summed squared reconstruction error;
                    the two-digit scores
-    data           load_mnist, DeviceBatches, random_shift; MultiMNIST (sec. 6): multimnist_pairs,
-                   PairBatches; load_data
+    data           the readers (torchvision's MNIST-format sets, CIFAR-10, SVHN, smallNORB, image
+                   folders), DeviceBatches, shifts, crops and flips; MultiMNIST (sec. 6):
+                   multimnist_pairs, PairBatches; load_data (the model follows the data)
     one step       Stepper (what torchnet's Engine calls per batch), CompileChoice, meters, PassStats
     epoch loop     Trainer (Engine hooks: train pass, test pass, metrics, checkpoints), run_training
-    other modes    run_eval (--eval-only), run_visualize (--visualize), export_weights
+    other modes    run_eval (--eval-only, ensembles), run_visualize (--visualize), run_predict
+                   (--predict), export_weights
     Visdom         VisdomPlots: per-epoch and live windows
     figures        Fig. 4, class masks, couplings, Fig. 5 (MultiMNIST), curves
     checkpoints    atomic writes, one-line errors
@@ -2470,7 +2472,8 @@ def add_constant_flags(parser, path=__file__, values=None):
 def build_parser():
     parser = OneLineParser(
         prog="capsule_network.py",
-        description="Train, evaluate or visualise CapsNet (Sabour et al., 2017) on MNIST or MultiMNIST.",
+        description="Train, evaluate or visualise CapsNet (Sabour et al., 2017) on MNIST, MultiMNIST, the paper's "
+                    "other data sets or your own images.",
     )
     add_constant_flags(parser)
     parser.add_argument("--resume", metavar="PATH", action="append",
