@@ -27,6 +27,7 @@ The file, top to bottom:
     Visdom         VisdomPlots: per-epoch and live windows
     figures        Fig. 4, class masks, couplings, Fig. 5 (MultiMNIST), curves
     checkpoints    atomic writes, one-line errors
+    many processes Distributed: torchrun's process group (DistributedDataParallel in Trainer)
     devices        device choice, bf16, allocator, RNG state, Ctrl-C
     command line   flags from the constants, main()
 The speed benchmark is bench.py, beside this file. Measured results and the commands behind them
