@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, cn, describe, run_script
 
@@ -68,6 +69,22 @@ def test_bench_times_multimnist_at_36x36(tmp_path):
     assert "baseline_train_images_per_s" not in result and "timed alone" in done.stdout
     batch = bench.synthetic_batch(6, 0, cn.torch.device("cpu"), "multimnist")
     assert [tuple(t.shape) for t in batch] == [(6, 36, 36), (6, 2), (6, 2, 36, 36)]
+
+
+def test_bench_times_another_data_sets_shape_against_the_baseline_at_that_shape(tmp_path):
+    """bench.py --dataset cifar10: this model, the direct program and the baseline all at 3 x 24 x 24
+    (the crop) with 64 primary capsule types: the baseline builds its u_hat for 1,024 children."""
+    out = tmp_path / "c10.json"
+    done = run_bench(TINY + ["--dataset", "cifar10", "--benchmark-rounds", 1, "--json", out], tmp_path)
+    assert done.returncode == 0, describe(done)
+    with open(out, encoding="utf-8") as f:
+        result = json.load(f)
+    assert (result["dataset"], result["input"], result["channels"], result["classes"]) == ("cifar10", "24x24", 3, 10)
+    assert result["baseline_train_images_per_s"] > 0 and result["direct_train_images_per_s"] > 0
+    model = bench.GramStyleCapsNet(3, 24, 10, 64)
+    assert model.route_weights.shape == (10, 64 * 4 * 4, 8, 16)
+    classes, recon = model(torch.rand(2, 3, 24, 24))
+    assert classes.shape == (2, 10) and recon.shape == (2, 3 * 24 * 24)
 
 
 def test_compile_vs_eager_times_both_capsule_layers(tmp_path):
