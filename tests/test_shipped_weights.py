@@ -1,0 +1,57 @@
+"""results/capsnet-mnist.pt, the weights of the complete MNIST run (results/README.md): the file
+the project ships loads into the model the script builds from it and evaluates images, without
+the real MNIST."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, N_TEST, cn, describe, run_script
+
+SHIPPED = os.path.join(ROOT, "results", "capsnet-mnist.pt")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    assert os.path.isfile(SHIPPED), f"{SHIPPED} is missing: it is part of the project (results/README.md)"
+    return cn.load_checkpoint(SHIPPED)
+
+
+def test_the_shipped_file_is_small_fp16_weights_with_the_models_constants(shipped):
+    assert os.path.getsize(SHIPPED) < 20 * 2**20
+    assert set(shipped) == {"model", "config", "epoch"} and shipped["epoch"] == 30
+    assert all(v.dtype == torch.float16 for v in shipped["model"].values() if v.is_floating_point())
+    assert set(shipped["config"]) == set(cn.MODEL_KEYS)
+    assert shipped["config"]["DATASET"] == "mnist"
+
+
+def test_it_loads_into_the_model_built_from_it_and_evaluates_random_images(shipped):
+    """The constants saved with the weights build the paper's 8,215,568-parameter model; it takes
+    the weights and maps random images to lengths in [0, 1) and reconstructions in [0, 1]."""
+    cfg = dict(cn.default_config(), **shipped["config"])
+    model = cn.build_model(cfg)
+    cn.load_weights(model, shipped["model"])
+    assert sum(p.numel() for p in model.parameters()) == 8_215_568
+    model.eval()
+    images = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lengths, recon = model(images)
+    assert lengths.shape == (4, 10) and recon.shape == (4, 1, 28, 28)
+    assert ((lengths >= 0) & (lengths < 1)).all() and ((recon >= 0) & (recon <= 1)).all()
+    # a blank image is a weak digit of every class: no capsule is as long as on a real digit
+    with torch.no_grad():
+        blank, _ = model(torch.zeros(1, 1, 28, 28))
+    assert float(blank.max()) < 0.9
+
+
+def test_eval_only_runs_the_shipped_file_through_the_command_line(tiny_mnist, tmp_path):
+    """--eval-only --resume results/capsnet-mnist.pt on the tiny test digits: exit 0 and eval.json
+    (the real check, on the real MNIST, is in results/README.md)."""
+    done = run_script(["--eval-only", "--resume", SHIPPED, "--data-dir", tiny_mnist["root"],
+                       "--run-dir", tmp_path / "eval"])
+    assert done.returncode == 0, describe(done)
+    with open(tmp_path / "eval" / "eval.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert result["test_images"] == N_TEST and result["checkpoint_epoch"] == 30
