@@ -103,6 +103,14 @@ def test_bad_flag_values_from_the_command_line(tiny_mnist, tmp_path, flag, value
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_a_number_of_classes_the_data_does_not_have(tiny_mnist, tmp_path):
+    """--num-classes 5 on MNIST: one line saying how many it has; nothing written."""
+    run = tmp_path / "run"
+    done = run_script(["--data-dir", tiny_mnist["root"], "--run-dir", run, "--no-visdom", "--num-classes", "5"])
+    assert_one_line_error(done, "--num-classes 5: mnist has 10 classes")
+    assert not run.exists()
+
+
 def test_resume_of_a_missing_file(tmp_path):
     """--resume of a file that does not exist: exit 2, one line naming it."""
     missing = tmp_path / "nope" / "last.pt"
@@ -117,8 +125,12 @@ def test_resume_of_a_missing_file(tmp_path):
     (["--max-shift", "14"], "--max-shift must be in [0, 13]"),
     (["--routing-iterations", "0"], "--routing-iterations must be >= 1"),
     (["--primary-caps", "0"], "layer sizes must be >= 1"),
-    (["--num-classes", "5"], "--num-classes must be 10"),
-    (["--kernel-size", "5"], "--kernel-size must be 9"),
+    (["--num-classes", "-1"], "--num-classes must be >= 0"),
+    (["--kernel-size", "0"], "--kernel-size must be >= 1"),
+    (["--image-channels", "4"], "--image-channels must be 1 or 3"),
+    (["--crop-size", "-1"], "--crop-size must be >= 0"),
+    (["--dataset", "multimnist", "--image-size", "28"], "multimnist images are 36x36"),
+    (["--predict", "x.png"], "--predict needs --resume"),
     (["--m-minus", "0.95"], "--m-minus < --m-plus"),
     (["--visdom-port", "70000"], "--visdom-port must be in 1..65535"),
     (["--eval-only"], "--eval-only needs --resume"),
