@@ -589,7 +589,10 @@ def two_digit_scores(lengths, pair_labels):
 
 
 def build_model(cfg):
-    """CapsuleNet from the constants and what the data decided (load_data: classes, channels, size)."""
+    """CapsuleNet from the constants and what the data decided (load_data: classes, channels, size);
+    where nothing is decided yet (the constants alone), the data set's usual shape (MNIST's)."""
+    if not cfg["IMAGE_SIZE"] or not cfg["IMAGE_CHANNELS"] or not cfg["NUM_CLASSES"]:
+        cfg = nominal_data_settings(dict(cfg))
     return CapsuleNet(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
                       cfg["NUM_CLASSES"], cfg["KERNEL_SIZE"], cfg["ROUTING_ITERATIONS"], cfg["W_INIT_STD"],
                       cfg["ROUTING_LEAKY"], (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
@@ -2511,7 +2514,8 @@ def make_config(args, ckpt):
         training = "optimizer" in ckpt  # a training checkpoint, not exported weights
         cfg.update({k: v for k, v in ckpt["config"].items() if k in cfg and (training or k in MODEL_KEYS)})
         if training and "RUN_DIR" not in explicit:  # a training run continues in its own folder
-            cfg["RUN_DIR"] = os.path.dirname(os.path.abspath(args.resume))
+            resume = args.resume[0] if isinstance(args.resume, list) else args.resume
+            cfg["RUN_DIR"] = os.path.dirname(os.path.abspath(resume))
     if explicit.get("PRESET"):
         if explicit["PRESET"] not in PRESETS:
             raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {explicit['PRESET']!r}")

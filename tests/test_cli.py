@@ -78,7 +78,8 @@ def test_flags_parse_to_the_right_types():
     assert untouched == {k: v for k, v in cn.default_config().items() if k in untouched}
     # every constant given explicitly at its default value gives the default config back
     argv = []
-    for name, value in cn.default_config().items():
+    for name, _ in cn.constants_table():
+        value = cn.default_config()[name]
         flag = "--" + name.lower().replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
