@@ -34,7 +34,8 @@ import capsule_network as cn
 BENCHMARK_STEPS = 15  # timed steps per measurement (the median step is reported)
 BENCHMARK_WARMUP = 3  # untimed warm-up steps of each program
 BENCHMARK_ROUNDS = 3  # the programs take turns, each one's steps split into this many rounds
-BENCHMARK_BASELINE = True  # also time direct fp32 use and the gram-ai-structured baseline
+BENCHMARK_BASELINE = True  # also time the gram-ai-structured baseline and direct fp32 use, each in its process
+BENCHMARK_DIRECT = True  # with the baseline, direct fp32 use too (off: less memory for large shapes)
 # ---- end of constants ----
 
 
@@ -197,7 +198,7 @@ class WorkerProgram:
     a user's script): same interface as StepTimer, and None-safe when it fails."""
 
     def __init__(self, cfg, kind):
-        self.kind = kind
+        self.kind, self.error = kind, None
         args = [sys.executable, os.path.abspath(__file__), "--worker", kind,
                 "--device", cfg["DEVICE"], "--batch-size", str(cfg["BATCH_SIZE"]),
                 "--eval-batch-size", str(cfg["EVAL_BATCH_SIZE"]), "--seed", str(cfg["SEED"]),
@@ -225,8 +226,8 @@ class WorkerProgram:
             self.proc.kill()
             self.proc.wait()
             self.stderr.seek(0)
-            tail = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
-            print(f"warning: {self.kind} benchmark failed: {tail}", file=sys.stderr)
+            self.error = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
+            print(f"warning: {self.kind} benchmark failed: {self.error}", file=sys.stderr)
             return None
 
     def segment(self, mode, n):
@@ -263,10 +264,13 @@ def alternate_segments(programs, steps, rounds):
 def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     device, malloc_tuned = cn.prepare(cfg)
     workers = {}
-    if cfg["BENCHMARK_BASELINE"] and cfg["DATASET"] == "multimnist":
+    kinds = ["direct", "baseline"] if cfg["BENCHMARK_DIRECT"] else ["baseline"]
+    kinds = kinds if cfg["BENCHMARK_BASELINE"] else []
+    if kinds and cfg["DATASET"] == "multimnist":
         print(f"note: the baseline and direct programs take one digit per image; {cfg['DATASET']} is timed alone")
-    elif cfg["BENCHMARK_BASELINE"]:  # they start (and warm up) while this process warms up
-        workers = {kind: WorkerProgram(cfg, kind) for kind in ("direct", "baseline")}
+    elif kinds:  # they start (and warm up) while this process warms up
+        workers = {kind: WorkerProgram(cfg, kind) for kind in kinds}
+    started = dict(workers)
     model = cn.place_model(cn.build_model(cfg), cfg, device)
     optimizer = cn.build_optimizer(model, cfg)
     dtype = cn.amp_dtype(device, cfg["AMP"])
@@ -311,6 +315,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     rates = {name: (cfg["BATCH_SIZE"] / m["train"], cfg["EVAL_BATCH_SIZE"] / m["eval"])
              for name, m in medians.items()}
     peaks = {kind: w.finish() for kind, w in workers.items() if kind in rates}
+    errors = {f"{kind}_error": w.error for kind, w in started.items() if w.error}  # e.g. a MemoryError
     result = {
         "device": str(device), "device_name": device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
         "dataset": cfg["DATASET"], "input": f"{model.image_size}x{model.image_size}", "channels": model.in_channels,
@@ -326,6 +331,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
                      "cpu_malloc_tuning": bool(malloc_tuned), "threads": torch.get_num_threads(),
                      "cudnn_benchmark": device.type == "cuda", "tf32": device.type == "cuda"},
         "torch": torch.__version__,
+        **errors,
     }
     print(f"device {result['device_name']}, {result['dtype']}, {cfg['DATASET']} {model.in_channels}x{result['input']} "
           f"({model.num_classes} classes), "

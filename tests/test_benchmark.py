@@ -87,6 +87,31 @@ def test_bench_times_another_data_sets_shape_against_the_baseline_at_that_shape(
     assert classes.shape == (2, 10) and recon.shape == (2, 3 * 24 * 24)
 
 
+def test_a_baseline_out_of_memory_is_a_result_in_the_json(tmp_path):
+    """A worker that cannot allocate its tensors (here the baseline at a batch of 200,000 images,
+    far beyond its memory cap) does not end the benchmark: one warning, this model's numbers, the
+    baseline's last error line as baseline_error in the JSON; --no-benchmark-direct leaves out
+    the direct program."""
+    out = tmp_path / "oom.json"
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import bench\n"
+            "class Huge(bench.WorkerProgram):\n"
+            "    def __init__(self, cfg, kind):\n"
+            "        super().__init__(dict(cfg, BATCH_SIZE=200000), kind)\n"
+            "bench.WorkerProgram = Huge\n"
+            "sys.exit(bench.main(sys.argv[1:]))\n")
+    args = TINY + ["--no-benchmark-direct", "--compile", "off", "--json", out]
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, describe(done)
+    with open(out, encoding="utf-8") as f:
+        result = json.load(f)
+    assert result["train_images_per_s"] > 0 and "baseline_train_images_per_s" not in result
+    assert "direct_train_images_per_s" not in result and "direct_error" not in result
+    assert "allocate" in result["baseline_error"].lower() or "memory" in result["baseline_error"].lower()
+    warnings = [line for line in done.stderr.splitlines() if "benchmark failed" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: baseline benchmark failed:"), describe(done)
+
+
 def test_compile_vs_eager_times_both_capsule_layers(tmp_path):
     """--compile-vs-eager: the same model with the compiled and with the eager capsule layer, side
     by side, and their ratio."""
