@@ -348,9 +348,9 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
             continue
         train_ips, eval_ips = rates[kind]
         prefix = "" if kind == "this" else f"{kind}_"
-        result[f"{prefix}train_images_per_s"] = round(train_ips, 1)
-        result[f"{prefix}eval_images_per_s"] = round(eval_ips, 1)
-        line = f"{labels[kind][0] + ':':12s} train {train_ips:8.1f} images/s   eval {eval_ips:8.1f} images/s   "
+        result[f"{prefix}train_images_per_s"] = float(f"{train_ips:.4g}")
+        result[f"{prefix}eval_images_per_s"] = float(f"{eval_ips:.4g}")
+        line = f"{labels[kind][0] + ':':12s} train {train_ips:8.4g} images/s   eval {eval_ips:8.4g} images/s   "
         if kind in workers:
             result[f"{kind}_peak_memory_mib"] = peaks[kind] and round(peaks[kind], 1)
             print(line + f"({labels[kind][1]})")
