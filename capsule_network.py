@@ -79,7 +79,12 @@ NUM_CLASSES = 0  # digit capsules, one per class; 0 = as many as the data set ha
 KERNEL_SIZE = 9  # kernel of Conv1 and PrimaryCaps
 ROUTING_ITERATIONS = 3  # routing-by-agreement iterations (paper: 3, sec. 4 and Procedure 1)
 ROUTING_LEAKY = False  # an extra "none-of-the-above" parent with logit 0 in each child's softmax (CIFAR10, sec. 7)
-W_INIT_STD = 0.01  # standard deviation of the normal initialisation of the W_ij matrices
+W_INIT_STD = 0.01  # standard deviation of the normal initialisation of the W_ij matrices (INIT torch)
+# where the authors' released code (Sarasra/models, research/capsules) differs from the paper's text;
+# off by default, all on with --preset authors (README: "The authors' code")
+INIT = "torch"  # torch: PyTorch's layer defaults, W_ij ~ N(0, W_INIT_STD); authors: truncated normals (Conv1 0.05, the rest 0.1), biases 0.1
+PRIMARY_SCALE = 1.0  # PrimaryCaps pre-activation = this x convolution + bias; authors: 0.03125 (one routing pass over 32 types, zero logits)
+DIGIT_CAPS_BIAS = False  # a learned bias (J, E), starting at 0.1, added to s_j before the squash (authors' code; not in the paper)
 DECODER_HIDDEN1 = 512  # first decoder layer width (Fig. 2)
 DECODER_HIDDEN2 = 1024  # second decoder layer width (Fig. 2)
 # loss, as in the paper (eq. 4, sec. 4.1)
@@ -87,8 +92,9 @@ M_PLUS = 0.9  # margin loss m+ (eq. 4)
 M_MINUS = 0.1  # margin loss m- (eq. 4)
 LAMBDA_ABSENT = 0.5  # margin loss weight lambda for absent classes (eq. 4)
 RECON_WEIGHT = 0.0005  # reconstruction loss = this x sum of squared pixel errors (sec. 4.1)
+MARGIN_REDUCTION = "sum"  # sum: eq. 4 summed over the classes; half-mean: the authors' code, 0.5 x the mean over the classes
 # training
-PRESET = ""  # a named recipe from PRESETS below (e.g. mnist-2h); its values, then the explicit flags
+PRESET = ""  # named recipes from PRESETS below, comma-separated (e.g. mnist-2h,authors); their values, then the explicit flags
 RUN_DIR = "runs/capsnet"  # metrics.jsonl, last.pt, best.pt, eval.json and PNG figures go here
 DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda or mps
 SEED = 0  # seeds torch's generators; all randomness comes from torch
@@ -123,6 +129,13 @@ PRESETS = {
     # Chosen from the 10-epoch curve in results/ (the test accuracy still moved by +-0.1 point
     # between epochs at 69% of the rate) and from XifengGuo's x0.9 per epoch over 50 epochs.
     "mnist-2h": {"EPOCHS": 30, "LR_DECAY": 0.88},
+    # The model and loss of the authors' released code where it differs from the paper's text
+    # (Sarasra/models, research/capsules: layers.py, capsule_model.py, variables.py): their margin
+    # loss is 0.5 x the mean over classes (so reconstruction weighs 20x more against it with 10
+    # classes), DigitCaps adds a bias to s_j, PrimaryCaps is a one-iteration routing over the 32
+    # types with zero logits (the convolution x 1/32, plus a bias), and truncated-normal weights
+    # with biases of 0.1. Training stays as set: combine with a schedule, --preset mnist-2h,authors.
+    "authors": {"MARGIN_REDUCTION": "half-mean", "DIGIT_CAPS_BIAS": True, "PRIMARY_SCALE": 1 / 32, "INIT": "authors"},
 }
 
 MULTIMNIST_CANVAS = 36  # paper, sec. 6: a 28x28 digit shifted by up to 4 px in a 36x36 image
@@ -199,11 +212,12 @@ def parent_softmax(b, dim, leaky=False):
     return torch.cat([b, zero], dim).softmax(dim=dim).narrow(dim, 0, b.shape[dim])
 
 
-def dynamic_routing(u_hat, iterations, logit_changes=None, leaky=False):
+def dynamic_routing(u_hat, iterations, logit_changes=None, leaky=False, bias=None):
     """Procedure 1. u_hat (B, I, J, E) predictions of child i for parent j -> v (B, J, E), c (B, I, J).
 
     b_ij starts at 0 for every example; c_i = softmax over the parents j, so sum_j c_ij = 1
-    (less than 1 with `leaky`, see parent_softmax).
+    (less than 1 with `leaky`, see parent_softmax). `bias` (J, E), the authors' code's DigitCaps
+    bias (DIGIT_CAPS_BIAS; not in the paper), is added to every s_j before the squash.
     If `logit_changes` is a list, the mean |change of b_ij| of every iteration is appended to it
     (detached tensors; Appendix A's measure), including the last, unused, update.
     The model runs the same computation factored (capsule_layer); this is the plain reference.
@@ -212,6 +226,8 @@ def dynamic_routing(u_hat, iterations, logit_changes=None, leaky=False):
     for r in range(iterations):
         c = parent_softmax(b, 2, leaky)  # (B, I, J), softmax over parents j
         s = torch.einsum("bij,bije->bje", c, u_hat)  # (B, J, E) = sum_i c_ij u_hat_j|i
+        if bias is not None:
+            s = s + bias  # (B, J, E)
         v = squash(s)  # (B, J, E)
         if r < iterations - 1 or logit_changes is not None:
             agreement = torch.einsum("bije,bje->bij", u_hat, v)  # (B, I, J) = u_hat_j|i . v_j
@@ -221,9 +237,10 @@ def dynamic_routing(u_hat, iterations, logit_changes=None, leaky=False):
     return v, c
 
 
-def capsule_layer(W, u, iterations, record, children_last=False, leaky=False):
+def capsule_layer(W, u, iterations, record, children_last=False, leaky=False, bias=None):
     """DigitCaps with routing: W (J, I, E, D), primary capsules u (B, I, D) -> v (B, J, E),
     c (B, I, J) and, if `record`, the mean |change of b_ij| per iteration (iterations,), else None.
+    `bias` (J, E) is added to s_j before the squash, as in dynamic_routing.
 
     The same computation as dynamic_routing(u_hat) with u_hat_j|i = W_ij u_i (tests check this),
     factored so that u_hat, 1152 x 10 x 16 numbers per image, is never built:
@@ -257,6 +274,8 @@ def capsule_layer(W, u, iterations, record, children_last=False, leaky=False):
             c = parent_softmax(b, 0, leaky)  # (J, B, I), softmax over parents j
             x = (c.unsqueeze(dim_d) * uk).reshape(J, B, I * D)  # (J, B, K): c_ij u_i
             s = torch.bmm(x, Wk.transpose(1, 2))  # (J, B, E) = sum_i c_ij W_ij u_i
+        if bias is not None:
+            s = s + bias.unsqueeze(1)  # (J, B, E)
         v = squash(s)  # (J, B, E)
         if r < iterations - 1 or record:
             wv = torch.bmm(v, Wk).reshape(J, *uk.shape[1:])  # W_ij^T v_j
@@ -309,7 +328,7 @@ class CapsuleNet(nn.Module):
                  routing_iterations=ROUTING_ITERATIONS, w_init_std=W_INIT_STD, routing_leaky=False,
                  decoder_hidden=(DECODER_HIDDEN1, DECODER_HIDDEN2), image_size=28,
                  dft_conv=CPU_DFT_CONV, gemm_weight_grad=CPU_GEMM_WEIGHT_GRAD, cpu_malloc_tuning=CPU_MALLOC_TUNING,
-                 in_channels=1):
+                 in_channels=1, init=INIT, primary_scale=PRIMARY_SCALE, digit_caps_bias=DIGIT_CAPS_BIAS):
         super().__init__()
         if image_size < smallest_input(kernel_size):
             raise ValueError(f"{image_size}x{image_size} images are too small for {kernel_size}x{kernel_size} "
@@ -331,6 +350,11 @@ class CapsuleNet(nn.Module):
             nn.Linear(decoder_hidden[0], decoder_hidden[1]), nn.ReLU(inplace=True),
             nn.Linear(decoder_hidden[1], in_channels * image_size * image_size), nn.Sigmoid(),
         )
+        self.primary_scale = primary_scale
+        # the authors' code adds a bias to s_j, starting at 0.1 (its bias_variable)
+        self.digit_bias = nn.Parameter(torch.full((num_classes, digit_dim), 0.1)) if digit_caps_bias else None
+        if init == "authors":
+            self.init_as_authors()
         self.record_routing = False  # when True, capsules() appends Appendix A's logit changes
         self.logit_changes = []
         self.capsule_layer = capsule_layer  # replaced by a compiled version by use_compile()
@@ -339,6 +363,28 @@ class CapsuleNet(nn.Module):
         self.gemm_weight_grad = gemm_weight_grad  # on CPU tensors only, without dft_conv (StridedConvGemmGrad)
         self._weight_f = None  # (weight, dtype, its values, dft_weight) kept between evaluation batches
         self.cpu_malloc_tuning = cpu_malloc_tuning  # tune_cpu_malloc() at the first CPU forward
+
+    @torch.no_grad()
+    def init_as_authors(self):
+        """The authors' code's initialisation: truncated normals cut at 2 standard deviations
+        (TensorFlow's truncated_normal_initializer), std 0.05 for Conv1 and 0.1 for PrimaryCaps,
+        W_ij and the decoder; every bias 0.1. The paper states none of these."""
+        def truncated(w, std):
+            nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+        truncated(self.conv1.weight, 0.05)
+        truncated(self.primary.weight, 0.1)
+        truncated(self.W, 0.1)
+        for layer in self.decoder:
+            if isinstance(layer, nn.Linear):
+                truncated(layer.weight, 0.1)
+        for bias in (self.conv1.bias, self.primary.bias, *(m.bias for m in self.decoder if isinstance(m, nn.Linear))):
+            bias.fill_(0.1)
+
+    def primary_weight(self):
+        """The PrimaryCaps kernel as it acts: x PRIMARY_SCALE (1/32 in the authors' code), the bias apart."""
+        w = self.primary.weight
+        return w if self.primary_scale == 1 else w * self.primary_scale
 
     def use_compile(self, compiled=True):
         """torch.compile the capsule part only: it fuses the memory-bound routing ops, while the
@@ -359,17 +405,17 @@ class CapsuleNet(nn.Module):
             else:
                 images = images.contiguous(memory_format=torch.channels_last)
             x = F.relu(self.conv1(images), inplace=True).permute(0, 2, 3, 1)  # (B, 20, 20, 256)
-            x = conv2d_dft(x, self.primary.weight, self.primary.bias, self.primary.stride[0], x.dtype,
+            x = conv2d_dft(x, self.primary_weight(), self.primary.bias, self.primary.stride[0], x.dtype,
                            self.cached_weight_f(x.dtype))  # (B, 32*8, 6, 6)
         else:
             x = F.relu(self.conv1(images), inplace=True)  # (B, 256, 20, 20)
             if (self.gemm_weight_grad and x.device.type == "cpu" and torch.is_grad_enabled()
                     and self.primary.weight.requires_grad):
                 dtype = x.dtype  # bf16 under autocast
-                x = StridedConvGemmGrad.apply(x, self.primary.weight.to(dtype), self.primary.bias.to(dtype),
+                x = StridedConvGemmGrad.apply(x, self.primary_weight().to(dtype), self.primary.bias.to(dtype),
                                               self.primary.stride[0])  # (B, 32*8, 6, 6)
             else:
-                x = self.primary(x)  # (B, 32*8, 6, 6)
+                x = F.conv2d(x, self.primary_weight(), self.primary.bias, self.primary.stride)  # (B, 32*8, 6, 6)
         B = x.shape[0]
         # Each capsule is the 8 channels of one type at one pixel, never neighbouring pixels.
         x = x.reshape(B, self.primary_caps, self.primary_dim, self.grid, self.grid)  # (B, T, D, 6, 6)
@@ -387,7 +433,7 @@ class CapsuleNet(nn.Module):
             cached = self._weight_f
             if cached is None or cached[0] is not w or cached[1] != dtype or not torch.equal(cached[2], w):
                 self._weight_f = cached = (w, dtype, w.detach().clone(),
-                                           dft_weight(w, self.primary.stride[0], self.grid, dtype))
+                                           dft_weight(self.primary_weight(), self.primary.stride[0], self.grid, dtype))
         return cached[3]
 
     def capsules(self, images):
@@ -396,8 +442,9 @@ class CapsuleNet(nn.Module):
             tune_cpu_malloc()  # once per process; without it CPU steps ran up to 1.5x slower (results/README.md)
         u = self.primary_capsules(images)  # (B, I, D)
         with torch.autocast(device_type=u.device.type, enabled=False):
+            bias = None if self.digit_bias is None else self.digit_bias.float()
             v, c, changes = self.capsule_layer(self.W.float(), u, self.routing_iterations, self.record_routing,
-                                               leaky=self.routing_leaky)
+                                               leaky=self.routing_leaky, bias=bias)
         if changes is not None:
             self.logit_changes.append(changes)
         return v, c
@@ -553,10 +600,14 @@ class CapsuleLoss(nn.Module):
     everything but the batch dimension, so reconstructions (B, K, ...) against images (B, K, ...),
     one per digit, add the K digits' errors."""
 
-    def __init__(self, m_plus=M_PLUS, m_minus=M_MINUS, lambda_absent=LAMBDA_ABSENT, recon_weight=RECON_WEIGHT):
+    def __init__(self, m_plus=M_PLUS, m_minus=M_MINUS, lambda_absent=LAMBDA_ABSENT, recon_weight=RECON_WEIGHT,
+                 margin_reduction=MARGIN_REDUCTION):
         super().__init__()
         self.m_plus, self.m_minus = m_plus, m_minus
         self.lambda_absent, self.recon_weight = lambda_absent, recon_weight
+        # "half-mean": the authors' code halves the margin terms and averages them over the classes
+        # instead of summing (1/20 of eq. 4 for 10 classes); the reconstruction term is unchanged
+        self.margin_reduction = margin_reduction
 
     def forward(self, images, labels, lengths, reconstructions):
         lengths = lengths.float()
@@ -566,6 +617,8 @@ class CapsuleLoss(nn.Module):
             present = labels.to(lengths.dtype)  # (B, J), 1 for every class in the image
         margin = (present * F.relu(self.m_plus - lengths) ** 2
                   + self.lambda_absent * (1 - present) * F.relu(lengths - self.m_minus) ** 2).sum(1)
+        if self.margin_reduction == "half-mean":
+            margin = margin / (2 * lengths.shape[1])
         error = (reconstructions.float() - images.float()).flatten(1)  # (B, 784), or (B, K * pixels)
         return (margin + self.recon_weight * (error * error).sum(1)).mean()
 
@@ -598,7 +651,8 @@ def build_model(cfg):
                       cfg["ROUTING_LEAKY"], (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
                       image_size=input_size(cfg), in_channels=cfg["IMAGE_CHANNELS"],
                       dft_conv=cfg["CPU_DFT_CONV"], gemm_weight_grad=cfg["CPU_GEMM_WEIGHT_GRAD"],
-                      cpu_malloc_tuning=cfg["CPU_MALLOC_TUNING"])
+                      cpu_malloc_tuning=cfg["CPU_MALLOC_TUNING"], init=cfg["INIT"],
+                      primary_scale=cfg["PRIMARY_SCALE"], digit_caps_bias=cfg["DIGIT_CAPS_BIAS"])
 
 
 def build_optimizer(model, cfg):
@@ -611,7 +665,8 @@ def build_optimizer(model, cfg):
 
 
 def build_loss(cfg):
-    return CapsuleLoss(cfg["M_PLUS"], cfg["M_MINUS"], cfg["LAMBDA_ABSENT"], cfg["RECON_WEIGHT"])
+    return CapsuleLoss(cfg["M_PLUS"], cfg["M_MINUS"], cfg["LAMBDA_ABSENT"], cfg["RECON_WEIGHT"],
+                       cfg["MARGIN_REDUCTION"])
 
 
 # ---- data: MNIST on the device as uint8, batches by index, a shift per training image (sec. 5) ----
@@ -1128,12 +1183,21 @@ def validate_shape(cfg):
                          f"{smallest} (--image-size {smallest} or more)")
 
 
-def model_line(model, device, dtype, data):
-    """The start-up line: the model, the device and the data."""
+def authors_choices(cfg):
+    """Which of the authors' code's departures from the paper's text are on (PRESETS["authors"])."""
+    on = {"INIT": cfg["INIT"] == "authors", "PRIMARY_SCALE": cfg["PRIMARY_SCALE"] != 1,
+          "DIGIT_CAPS_BIAS": cfg["DIGIT_CAPS_BIAS"], "MARGIN_REDUCTION": cfg["MARGIN_REDUCTION"] != "sum"}
+    return [f"{k}={cfg[k]}" for k, v in on.items() if v]
+
+
+def model_line(model, device, dtype, data, cfg=None):
+    """The start-up line: the model, the device and the data (and the authors' choices that are on)."""
+    choices = authors_choices(cfg) if cfg is not None else []
     return (f"CapsNet: {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
             f"({'bf16 autocast' if dtype else 'fp32'}); {data.name}: {data.describe()}, "
             f"{data.channels}x{data.image_size}x{data.image_size} input, {model.grid}x{model.grid} grid of "
-            f"{model.num_primary:,} primary capsules, {model.num_classes} classes")
+            f"{model.num_primary:,} primary capsules, {model.num_classes} classes"
+            + (f"; the authors' code's {', '.join(choices)}" if choices else ""))
 
 
 # ---- one step: images -> loss and lengths; the compiled-or-eager choice; the meters' inputs ----
@@ -1642,7 +1706,7 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False):
     for line in (dataset_line(cfg), preset_line(cfg)):
         if line:
             print(line)
-    print(f"{model_line(model, device, dtype, data)}; seed {cfg['SEED']}, run dir {cfg['RUN_DIR']}")
+    print(f"{model_line(model, device, dtype, data, cfg)}; seed {cfg['SEED']}, run dir {cfg['RUN_DIR']}")
     if dist.enabled:
         print(f"torchrun: {dist.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), each computing "
               f"{cfg['BATCH_SIZE'] // dist.world} of the {cfg['BATCH_SIZE']} images of every batch")
@@ -1828,7 +1892,7 @@ def run_predict(cfg, ckpt, paths):
 
 
 MODEL_KEYS = ("DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAMES", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
-              "ROUTING_ITERATIONS", "ROUTING_LEAKY", "W_INIT_STD", "DECODER_HIDDEN1", "DECODER_HIDDEN2",
+              "ROUTING_ITERATIONS", "ROUTING_LEAKY", "W_INIT_STD", "INIT", "PRIMARY_SCALE", "DIGIT_CAPS_BIAS", "DECODER_HIDDEN1", "DECODER_HIDDEN2",
               "M_PLUS", "M_MINUS", "LAMBDA_ABSENT", "RECON_WEIGHT")  # what an exported model carries: shape, loss
 
 
@@ -2425,6 +2489,10 @@ def validate_config(cfg):
         (cfg["DATASET"] != "multimnist" or (cfg["CROP_SIZE"] == 0 and cfg["IMAGE_SIZE"] in (0, MULTIMNIST_CANVAS)),
          "multimnist images are 36x36: leave --image-size and --crop-size 0"),
         (cfg["W_INIT_STD"] > 0, "--w-init-std must be > 0"),
+        (cfg["INIT"] in ("torch", "authors"), f"--init must be torch or authors, not {cfg['INIT']!r}"),
+        (cfg["PRIMARY_SCALE"] > 0, "--primary-scale must be > 0"),
+        (cfg["MARGIN_REDUCTION"] in ("sum", "half-mean"),
+         f"--margin-reduction must be sum or half-mean, not {cfg['MARGIN_REDUCTION']!r}"),
         (0 <= cfg["M_MINUS"] < cfg["M_PLUS"] <= 1, "need 0 <= --m-minus < --m-plus <= 1"),
         (cfg["LAMBDA_ABSENT"] >= 0, "--lambda-absent must be >= 0"),
         (cfg["RECON_WEIGHT"] >= 0, "--recon-weight must be >= 0"),
@@ -2517,9 +2585,7 @@ def make_config(args, ckpt):
             resume = args.resume[0] if isinstance(args.resume, list) else args.resume
             cfg["RUN_DIR"] = os.path.dirname(os.path.abspath(resume))
     if explicit.get("PRESET"):
-        if explicit["PRESET"] not in PRESETS:
-            raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {explicit['PRESET']!r}")
-        cfg.update(PRESETS[explicit["PRESET"]])
+        cfg.update(preset_values(explicit["PRESET"]))
     cfg.update(explicit)
     validate_config(cfg)
     return cfg
@@ -2531,11 +2597,21 @@ def settings_line(title, values, cfg, whose):
         f"{k}={cfg[k]}" + ("" if cfg[k] == v else f" ({whose} {v}, overridden)") for k, v in values.items())
 
 
+def preset_values(text):
+    """The constants set by --preset NAME[,NAME...], later names winning."""
+    values = {}
+    for name in text.split(","):
+        if name not in PRESETS:
+            raise UsageError(f"--preset must be one or more of {', '.join(PRESETS)} (comma-separated), not {name!r}")
+        values.update(PRESETS[name])
+    return values
+
+
 def preset_line(cfg):
     """'preset NAME: K=V, ...', or None without a preset."""
     if not cfg["PRESET"]:
         return None
-    return settings_line(f"preset {cfg['PRESET']}", PRESETS.get(cfg["PRESET"], {}), cfg, "the preset's")
+    return settings_line(f"preset {cfg['PRESET']}", preset_values(cfg["PRESET"]), cfg, "the preset's")
 
 
 def dataset_line(cfg):

@@ -152,5 +152,5 @@ def test_preset_is_kept_by_a_resumed_run_without_reapplying_it():
 def test_unknown_preset_is_one_line(capsys, tmp_path):
     assert cn.main(["--preset", "fastest", "--data-dir", str(tmp_path / "none")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "--preset must be one of mnist-2h" in lines[0]
+    assert len(lines) == 1 and "--preset must be one or more of mnist-2h, authors" in lines[0]
     assert not os.path.exists(tmp_path / "none")
