@@ -7,7 +7,7 @@ gram-ai-structured baseline, on synthetic data.
 
 It accepts every flag of capsule_network.py that shapes a training step (--device,
 --batch-size, --no-amp, --compile ...) and times exactly what the trainer runs: its model,
-loss, optimizer and Stepper, one training step being what torchnet's Engine does per batch.
+loss, optimizer and BatchLoss, one training step being what torchnet's Engine does per batch.
 Three programs take turns in rounds, so that a slow minute of a shared machine hits all alike:
   this project's default mode, in this process;
   CapsuleNet + CapsuleLoss + Adam called directly in fp32, in a fresh process ("direct");
@@ -29,13 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import capsule_network as cn
+from capsnet import cli, data, fast, runtime  # noqa: E402
 
 # ---- constants (each one is also a flag: FOO_BAR -> --foo-bar) ----
-BENCHMARK_STEPS = 15  # timed steps per measurement (the median step is reported)
-BENCHMARK_WARMUP = 3  # untimed warm-up steps of each program
-BENCHMARK_ROUNDS = 3  # the programs take turns, each one's steps split into this many rounds
-BENCHMARK_BASELINE = True  # also time the gram-ai-structured baseline and direct fp32 use, each in its process
-BENCHMARK_DIRECT = True  # with the baseline, direct fp32 use too (off: less memory for large shapes)
+BENCHMARK_STEPS: int = 15  # timed steps per measurement (the median step is reported)
+BENCHMARK_WARMUP: int = 3  # untimed warm-up steps of each program
+BENCHMARK_ROUNDS: int = 3  # the programs take turns, each one's steps split into this many rounds
+BENCHMARK_BASELINE: bool = True  # also time the gram-ai-structured baseline and direct fp32 use, each in its process
+BENCHMARK_DIRECT: bool = True  # with the baseline, direct fp32 use too (off: less memory for large shapes)
 # ---- end of constants ----
 
 
@@ -99,18 +100,18 @@ class StepTimer:
             self.model.train(mode == "train")
             for _ in range(warmup):
                 self.steps[mode]()
-        cn.sync(device)
+        runtime.sync(device)
 
     def segment(self, mode, n):
         """One untimed step (the caches are the previous program's), then n timed steps."""
         self.model.train(mode == "train")
         self.steps[mode]()
-        cn.sync(self.device)
+        runtime.sync(self.device)
         times = []
         for _ in range(n):
             started = time.perf_counter()
             self.steps[mode]()
-            cn.sync(self.device)
+            runtime.sync(self.device)
             times.append(time.perf_counter() - started)
         return times
 
@@ -159,9 +160,9 @@ def benchmark_worker(cfg, kind):
     then answers each line "train N" / "eval N" on stdin with N step times, and "done" with its
     peak memory."""
     limit_memory()
-    device = cn.resolve_device(cfg["DEVICE"])
-    cn.seed_everything(cfg["SEED"])
-    shape = (cfg["IMAGE_CHANNELS"], cn.input_size(cfg), cfg["NUM_CLASSES"], cfg["PRIMARY_CAPS"])
+    device = runtime.resolve_device(cfg["DEVICE"])
+    runtime.seed_everything(cfg["SEED"])
+    shape = (cfg["IMAGE_CHANNELS"], data.input_size(cfg), cfg["NUM_CLASSES"], cfg["PRIMARY_CAPS"])
     if kind == "baseline":
         model, loss_fn = GramStyleCapsNet(*shape).to(device), gram_style_loss
     else:
@@ -169,8 +170,8 @@ def benchmark_worker(cfg, kind):
         model, loss_fn = model.to(device), cn.CapsuleLoss()
     optimizer = torch.optim.Adam(model.parameters())
     images_u8, labels = data_batch(cfg, cfg["BATCH_SIZE"], device)
-    images = cn.to_float_images(images_u8, cfg["CROP_SIZE"])
-    eval_images = cn.to_float_images(data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)[0], cfg["CROP_SIZE"])
+    images = data.to_float_images(images_u8, cfg["CROP_SIZE"])
+    eval_images = data.to_float_images(data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)[0], cfg["CROP_SIZE"])
 
     def train_step():
         optimizer.zero_grad()
@@ -262,7 +263,7 @@ def alternate_segments(programs, steps, rounds):
 
 # ---- the report ----
 def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
-    device, malloc_tuned = cn.prepare(cfg)
+    device, malloc_tuned = runtime.setup_process(cfg)
     workers = {}
     kinds = ["direct", "baseline"] if cfg["BENCHMARK_DIRECT"] else ["baseline"]
     kinds = kinds if cfg["BENCHMARK_BASELINE"] else []
@@ -271,10 +272,10 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     elif kinds:  # they start (and warm up) while this process warms up
         workers = {kind: WorkerProgram(cfg, kind) for kind in kinds}
     started = dict(workers)
-    model = cn.place_model(cn.build_model(cfg), cfg, device)
+    model = cn.model_to_device(cn.build_model(cfg), cfg, device)
     optimizer = cn.build_optimizer(model, cfg)
-    dtype = cn.amp_dtype(device, cfg["AMP"])
-    network = cn.Stepper(model, cn.build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
+    dtype = runtime.amp_dtype(device, cfg["AMP"])
+    network = cn.BatchLoss(model, cn.build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
                          crop=cfg["CROP_SIZE"], flip=cfg["FLIP"])
     batch = data_batch(cfg, cfg["BATCH_SIZE"], device)
     eval_batch = data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)
@@ -303,7 +304,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         programs = {kind: StepTimer(model, with_layer(kind, train_step), with_layer(kind, eval_step), device,
                                     cfg["BENCHMARK_WARMUP"]) for kind in ("compiled", "eager")}
     else:
-        choice = cn.CompileChoice(model, device, cfg["COMPILE"])
+        choice = fast.CompileChoice(model, device, cfg["COMPILE"])
         model.train()
         while choice.choice is None:  # COMPILE = "auto": the trainer's trial, on the benchmark's batch
             choice.before_step()
@@ -394,9 +395,9 @@ def device_name(device):
 
 # ---- main ----
 def build_parser():
-    parser = cn.OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0].replace("\n", " "))
-    cn.add_constant_flags(parser)
-    cn.add_constant_flags(parser, __file__, globals())
+    parser = cli.OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    cli.add_constant_flags(parser, cn.__file__, vars(cn))
+    cli.add_constant_flags(parser, __file__, globals())
     parser.add_argument("--json", "--benchmark-json", dest="json", metavar="PATH",
                         help="also write the results as JSON to PATH")
     parser.add_argument("--compile-vs-eager", action="store_true",
@@ -407,17 +408,17 @@ def build_parser():
 
 def make_config(args):
     """The trainer's constants and this file's, then the flags given."""
-    cfg = dict(cn.default_config(), **{name: globals()[name] for name, _ in cn.constants_table(__file__)})
+    cfg = dict(cn.default_config(), **{name: globals()[name] for name, _, _ in cli.constants_table(__file__)})
     explicit = {name: getattr(args, name) for name in cfg if getattr(args, name, None) is not None}
     cfg.update(cn.DATASETS.get(explicit.get("DATASET", cfg["DATASET"]), {}).get("settings", {}))
     cfg.update(explicit)
-    cn.validate_config(cfg)
-    cn.nominal_data_settings(cfg)
+    cli.validate_config(cfg, cn.DATASETS)
+    data.nominal_data_settings(cfg, cn.DATASETS[cfg["DATASET"]])
     for ok, message in ((cfg["BENCHMARK_STEPS"] >= 1, "--benchmark-steps must be >= 1"),
                         (cfg["BENCHMARK_WARMUP"] >= 0, "--benchmark-warmup must be >= 0"),
                         (cfg["BENCHMARK_ROUNDS"] >= 1, "--benchmark-rounds must be >= 1")):
         if not ok:
-            raise cn.UsageError(message)
+            raise runtime.UsageError(message)
     return cfg
 
 
@@ -432,7 +433,7 @@ def main(argv=None):
             benchmark_worker(cfg, args.worker)
         else:
             run_benchmark(cfg, args.json, args.compile_vs_eager)
-    except cn.UsageError as e:
+    except runtime.UsageError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,8 @@ torchvision.datasets.MNIST(ROOT, download=True) finds them and downloads nothing
 End-to-end runs use a small architecture (through the script's own flags) to stay fast.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ SCRIPT = os.path.join(ROOT, "capsule_network.py")
 sys.path.insert(0, ROOT)
 
 import capsule_network as cn  # noqa: E402  (after the sys.path change)
+from capsnet import data  # noqa: E402
 
 MNIST_NAMES = (
     "train-images-idx3-ubyte",
@@ -104,17 +107,39 @@ def run_script(args, cwd=None, timeout=300, env=None):
     return done
 
 
+def run_main(args):
+    """capsule_network.main(args) in this process -> the fields of run_script's result (returncode,
+    stdout, stderr, seconds), for runs where a separate process is not what is tested: it saves
+    the start of a Python with torch (about 4 s each). One intra-op thread, as run_script's."""
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cn.main([str(a) for a in args])
+            except SystemExit as e:  # argparse's errors
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        torch.set_num_threads(threads)
+    done = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    done.seconds = time.perf_counter() - started
+    return done
+
+
 def describe(done):
     """Failure message with the process's output."""
     return f"exit {done.returncode}\n--- stdout ---\n{done.stdout[-4000:]}\n--- stderr ---\n{done.stderr[-4000:]}"
 
 
 def train_args(data_root, run_dir, *extra, epochs=2):
-    """Flags of a tiny training run. The compiled capsule layer is forced: COMPILE = "auto" picks
-    by timing, and runs compared step for step must not pick differently (tests/test_compile.py
-    covers auto)."""
-    return ["--data-dir", data_root, "--run-dir", run_dir, "--no-visdom", "--epochs", epochs, "--compile",
-            *SMALL_ARCH, *SMALL_BATCHES, *extra]
+    """Flags of a tiny training run on the CPU (also on a machine with a GPU: tests/test_cuda.py
+    covers CUDA) with the eager capsule layer: COMPILE = "auto" picks by timing, and runs compared
+    step for step must not pick differently; compiling is the subject of tests/test_compile.py
+    and tests/test_speedups.py, which ask for it (a later flag wins)."""
+    return ["--data-dir", data_root, "--run-dir", run_dir, "--no-visdom", "--epochs", epochs, "--device", "cpu",
+            "--compile", "off", *SMALL_ARCH, *SMALL_BATCHES, *extra]
 
 
 def read_rows(run_dir):
@@ -160,5 +185,5 @@ def full_model():
 def digit_batch(tiny_mnist):
     """Float test images (8, 1, 28, 28) in [0, 1] and their labels, one of classes 0..7 each."""
     images, labels = tiny_mnist["test"]
-    x = cn.to_float_images(torch.from_numpy(images[:8].copy()))
+    x = data.to_float_images(torch.from_numpy(images[:8].copy()))
     return x, torch.from_numpy(labels[:8].astype(np.int64))

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from conftest import cn
+from capsnet import data  # noqa: E402
 
 
 def shifted(image, dy, dx):
@@ -35,7 +36,7 @@ def test_each_image_is_a_zero_filled_shift_of_at_most_two_pixels():
     """Every output image is its own input shifted by |dy|, |dx| <= 2 with zero fill; shape kept."""
     torch.manual_seed(0)
     x = nonzero_images(64, C=2)
-    y = cn.random_shift(x, 2)
+    y = data.random_shift(x, 2)
     assert y.shape == x.shape and y.dtype == x.dtype
     shifts = find_shifts(x, y, 2)
     assert len(set(shifts)) >= 8, f"shifts look per-batch, not per-image: {sorted(set(shifts))}"
@@ -45,7 +46,7 @@ def test_every_shift_in_range_occurs():
     """Over a large batch all 25 shifts in [-2, 2]^2 occur (offsets cover the full range)."""
     torch.manual_seed(1)
     x = nonzero_images(400, H=8, W=8)
-    shifts = find_shifts(x, cn.random_shift(x, 2), 2)
+    shifts = find_shifts(x, data.random_shift(x, 2), 2)
     assert set(shifts) == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
 
 
@@ -53,12 +54,12 @@ def test_max_shift_one_and_zero():
     """max_shift bounds the shift; max_shift 0 returns the images unchanged."""
     torch.manual_seed(2)
     x = nonzero_images(32)
-    assert all(abs(dy) <= 1 and abs(dx) <= 1 for dy, dx in find_shifts(x, cn.random_shift(x, 1), 1))
-    assert torch.equal(cn.random_shift(x, 0), x)
+    assert all(abs(dy) <= 1 and abs(dx) <= 1 for dy, dx in find_shifts(x, data.random_shift(x, 1), 1))
+    assert torch.equal(data.random_shift(x, 0), x)
 
 
 class Recorder(nn.Module):
-    """Stands in for CapsuleNet: records what the Stepper feeds it."""
+    """Stands in for CapsuleNet: records what the BatchLoss feeds it."""
 
     def __init__(self):
         super().__init__()
@@ -78,13 +79,13 @@ def digit_sample(tiny_mnist, n=16):
 
 
 def test_stepper_shifts_training_images_but_never_test_images(tiny_mnist):
-    """Stepper: in train mode the model gets per-image shifted images and the labels; in eval mode
+    """BatchLoss: in train mode the model gets per-image shifted images and the labels; in eval mode
     the plain images and no labels (the decoder then masks with the longest capsule)."""
     torch.manual_seed(3)
     model = Recorder()
-    stepper = cn.Stepper(model, cn.CapsuleLoss(), torch.device("cpu"), None, max_shift=2, channels_last=False)
+    stepper = cn.BatchLoss(model, cn.CapsuleLoss(), torch.device("cpu"), None, max_shift=2, channels_last=False)
     images_u8, labels = digit_sample(tiny_mnist)
-    plain = cn.to_float_images(images_u8)
+    plain = data.to_float_images(images_u8)
 
     model.eval()
     for _ in range(2):
@@ -116,7 +117,7 @@ def test_stepper_with_real_model_is_deterministic_only_in_eval_mode(tiny_mnist):
 
     torch.manual_seed(4)
     model = small_model(w_init_std=0.5)
-    stepper = cn.Stepper(model, cn.CapsuleLoss(), torch.device("cpu"), None, max_shift=2, channels_last=True)
+    stepper = cn.BatchLoss(model, cn.CapsuleLoss(), torch.device("cpu"), None, max_shift=2, channels_last=True)
     sample = digit_sample(tiny_mnist, 8)
     with torch.no_grad():
         model.eval()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cn, small_model
+from capsnet import runtime  # noqa: E402
 
 
 def authors_margin_loss(labels_one_hot, raw_logits, margin=0.4, downweight=0.5):
@@ -133,5 +134,5 @@ def test_bad_authors_values_are_usage_errors():
     for argv, text in [(["--init", "xavier"], "--init must be torch or authors"),
                        (["--margin-reduction", "mean"], "--margin-reduction must be sum or half-mean"),
                        (["--primary-scale", "0"], "--primary-scale must be > 0")]:
-        with pytest.raises(cn.UsageError, match=text):
+        with pytest.raises(runtime.UsageError, match=text):
             cn.make_config(parser.parse_args(argv), None)

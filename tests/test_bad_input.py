@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_ARCH, cn, describe, run_script, write_idx_images, write_idx_labels
+from conftest import SMALL_ARCH, cn, describe, run_main, run_script, write_idx_images, write_idx_labels
+from capsnet import data, runtime  # noqa: E402
+
+
+def load_mnist(root, train, limit=0):
+    """MNIST's images and labels through data.load_idx."""
+    return data.load_idx("MNIST", root, train, limit)[:2]
 
 
 def assert_one_line_error(done, *fragments):
@@ -39,7 +45,7 @@ def test_missing_data(tmp_path):
     started = time.perf_counter()
     done = run_script(data_args(empty, tmp_path), env=NO_NETWORK)
     print(f"missing-data run took {time.perf_counter() - started:.1f} s")
-    assert_one_line_error(done, os.path.join(str(empty), "MNIST", "raw"), *cn.MNIST_FILES)
+    assert_one_line_error(done, os.path.join(str(empty), "MNIST", "raw"), *data.MNIST_FILES)
     assert not os.path.exists(tmp_path / "run" / "last.pt")
 
 
@@ -77,7 +83,7 @@ def test_corrupt_idx_file_from_the_command_line(fresh_mnist, tmp_path, damage):
 
 
 @pytest.mark.parametrize("damage, train, why", [
-    (garbage_images, True, ""),
+    (garbage_images, True, "train-images-idx3-ubyte is not an IDX file of its kind (its first 4 bytes are 0x74686973"),
     (labels_out_of_range, False, "labels outside 0..9"),
     (label_count_mismatch, True, "150 labels for 200 images"),
     (wrong_image_size, False, "expected (N, 28, 28)"),
@@ -85,8 +91,8 @@ def test_corrupt_idx_file_from_the_command_line(fresh_mnist, tmp_path, damage):
 def test_corrupt_or_inconsistent_files_raise_usage_error(fresh_mnist, damage, train, why):
     """load_mnist turns every unusable-file case into one UsageError line with the reason."""
     damage(fresh_mnist["raw"])
-    with pytest.raises(cn.UsageError) as info:
-        cn.load_mnist(fresh_mnist["root"], train)
+    with pytest.raises(runtime.UsageError) as info:
+        load_mnist(fresh_mnist["root"], train)
     message = str(info.value)
     assert "\n" not in message and "cannot load MNIST" in message and why in message
 
@@ -98,7 +104,7 @@ def test_corrupt_or_inconsistent_files_raise_usage_error(fresh_mnist, damage, tr
 ])
 def test_bad_flag_values_from_the_command_line(tiny_mnist, tmp_path, flag, value, fragment):
     """Impossible flag values: exit 2, one line naming the flag, no traceback, nothing trained."""
-    done = run_script(data_args(tiny_mnist["root"], tmp_path) + [flag, value])
+    done = run_main(data_args(tiny_mnist["root"], tmp_path) + [flag, value])
     assert_one_line_error(done, fragment)
     assert not os.path.exists(tmp_path / "run")
 
@@ -106,7 +112,7 @@ def test_bad_flag_values_from_the_command_line(tiny_mnist, tmp_path, flag, value
 def test_a_number_of_classes_the_data_does_not_have(tiny_mnist, tmp_path):
     """--num-classes 5 on MNIST: one line saying how many it has; nothing written."""
     run = tmp_path / "run"
-    done = run_script(["--data-dir", tiny_mnist["root"], "--run-dir", run, "--no-visdom", "--num-classes", "5"])
+    done = run_main(["--data-dir", tiny_mnist["root"], "--run-dir", run, "--no-visdom", "--num-classes", "5"])
     assert_one_line_error(done, "--num-classes 5: mnist has 10 classes")
     assert not run.exists()
 
@@ -114,7 +120,7 @@ def test_a_number_of_classes_the_data_does_not_have(tiny_mnist, tmp_path):
 def test_resume_of_a_missing_file(tmp_path):
     """--resume of a file that does not exist: exit 2, one line naming it."""
     missing = tmp_path / "nope" / "last.pt"
-    assert_one_line_error(run_script(["--resume", missing, "--no-visdom"]), str(missing))
+    assert_one_line_error(run_main(["--resume", missing, "--no-visdom"]), str(missing))
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, cn, describe, run_script
+from conftest import ROOT, SCRIPT, cn, describe, run_script
+from capsnet import cli  # noqa: E402
 
 BENCH = os.path.join(ROOT, "bench.py")
 sys.path.insert(0, ROOT)
@@ -17,7 +18,9 @@ import bench  # noqa: E402
 
 KEYS = ("device", "dtype", "batch_size", "train_images_per_s", "eval_images_per_s",
         "baseline_train_images_per_s", "baseline_eval_images_per_s", "train_speedup", "eval_speedup")
-TINY = ["--benchmark-steps", 1, "--benchmark-warmup", 0, "--batch-size", 4, "--no-visdom", "--device", "cpu"]
+# one timed step, the eager capsule layer (compiling is what --compile-vs-eager and tests/test_compile.py test)
+TINY = ["--benchmark-steps", 1, "--benchmark-warmup", 0, "--batch-size", 4, "--no-visdom", "--device", "cpu",
+        "--compile", "off"]
 
 
 def run_bench(args, cwd):
@@ -37,7 +40,14 @@ def check_report(done, path):
     assert result["dtype"] in ("fp32", "bf16 autocast")
     for key in KEYS[3:]:
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
-    assert result["settings"]["capsule_layer"] in ("compiled", "eager")
+    # the speed-ups and the epoch time are the measured rates' (4 significant digits each)
+    for mode in ("train", "eval"):
+        ratio = result[f"{mode}_images_per_s"] / result[f"baseline_{mode}_images_per_s"]
+        assert result[f"{mode}_speedup"] == pytest.approx(ratio, rel=2e-3, abs=0.006), mode
+        assert f"{mode} {result[f'{mode}_speedup']:.2f}x" in done.stdout
+    epoch = 60000 / result["train_images_per_s"] + 10000 / result["eval_images_per_s"]
+    assert result["seconds_per_mnist_epoch"] == pytest.approx(epoch, rel=2e-3, abs=0.06)
+    assert result["settings"]["capsule_layer"] == "eager"
     assert "baseline:" in done.stdout and "speed-up:" in done.stdout and "this model:" in done.stdout
     return result
 
@@ -46,14 +56,21 @@ def test_bench_writes_json(tmp_path):
     """python bench.py with one timed step: exit 0 and a JSON file with device, dtype, batch size
     and positive images/s for this model and the gram-ai-structured baseline; no run dir, no data."""
     out = tmp_path / "bench.json"
-    check_report(run_bench(TINY + ["--json", out], tmp_path), out)
+    check_report(run_bench(TINY + ["--no-benchmark-direct", "--json", out], tmp_path), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
 
 
 def test_trainer_benchmark_flag_hands_over_to_bench(tmp_path):
-    """capsule_network.py --benchmark --benchmark-json PATH still works: the same report."""
+    """capsule_network.py --benchmark --benchmark-json PATH hands its flags to bench.py: this model
+    timed alone (--no-benchmark-baseline), at the batch size given, its report in the JSON."""
     out = tmp_path / "b.json"
-    check_report(run_script(["--benchmark", *TINY, "--benchmark-json", out], cwd=tmp_path), out)
+    done = run_script(["--benchmark", *TINY, "--no-benchmark-baseline", "--benchmark-json", out], cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, describe(done)
+    with open(out, encoding="utf-8") as f:
+        result = json.load(f)
+    assert result["batch_size"] == 4 and result["steps"] == 1 and result["settings"]["capsule_layer"] == "eager"
+    assert result["train_images_per_s"] > 0 and "baseline_train_images_per_s" not in result
+    assert "this model:" in done.stdout and "baseline:" not in done.stdout
 
 
 def test_bench_times_multimnist_at_36x36(tmp_path):
@@ -67,7 +84,7 @@ def test_bench_times_multimnist_at_36x36(tmp_path):
     assert result["dataset"] == "multimnist" and result["input"] == "36x36"
     assert result["train_images_per_s"] > 0 and result["eval_images_per_s"] > 0
     assert "baseline_train_images_per_s" not in result and "timed alone" in done.stdout
-    batch = bench.synthetic_batch(6, 0, cn.torch.device("cpu"), "multimnist")
+    batch = bench.synthetic_batch(6, 0, torch.device("cpu"), "multimnist")
     assert [tuple(t.shape) for t in batch] == [(6, 36, 36), (6, 2), (6, 2, 36, 36)]
 
 
@@ -129,10 +146,12 @@ def test_compile_vs_eager_times_both_capsule_layers(tmp_path):
 
 def test_bench_accepts_every_trainer_flag():
     """Every constant of capsule_network.py is a flag of bench.py too, and so are bench's own."""
-    text = bench.build_parser().format_help()
-    for name, _ in cn.constants_table() + cn.constants_table(BENCH):
-        assert "--" + name.lower().replace("_", "-") in text, name
-    assert "--json" in text and "--compile-vs-eager" in text and "--worker" not in text
+    parser = bench.build_parser()
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    for name, _, _ in cli.constants_table(SCRIPT) + cli.constants_table(BENCH):
+        assert "--" + name.lower().replace("_", "-") in flags, name
+    assert {"--json", "--compile-vs-eager"} <= flags
+    assert "--worker" not in parser.format_help()
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SCRIPT, cn
+from capsnet import cli  # noqa: E402
 
 BRIEF_FLAGS = ["--data-dir", "--device", "--epochs", "--batch-size", "--lr", "--lr-decay",
                "--routing-iterations", "--seed", "--train-size", "--test-size", "--run-dir", "--resume",
@@ -45,7 +46,7 @@ def test_help_lists_every_constant_with_its_default():
     """--help lists a flag for every constant (FOO_BAR -> --foo-bar) with '(default: value)',
     plus the mode flags."""
     text, blocks = help_blocks()
-    for name, _ in cn.constants_table():
+    for name, _, _ in cli.constants_table(SCRIPT):
         flag = "--" + name.lower().replace("_", "-")
         assert flag in blocks, flag
         assert f"(default: {getattr(cn, name)})" in " ".join(blocks[flag].split()), blocks[flag]
@@ -56,13 +57,41 @@ def test_help_lists_every_constant_with_its_default():
     assert "--benchmark-worker" not in text  # internal
 
 
-def test_every_constant_in_the_block_is_a_flag():
-    """Every assignment in the constants block has a help comment, so none is left without a flag."""
+def test_every_constant_in_the_block_is_a_typed_flag():
+    """Every assignment in the constants block is in the table, with its annotated type, and its
+    value is of that type (an int is a float's valid value)."""
     with open(SCRIPT, encoding="utf-8") as f:
         block = f.read().split("# ---- constants", 1)[1].split("# ---- end of constants", 1)[0]
-    assigned = re.findall(r"^([A-Z][A-Z0-9_]*)\s*=", block, re.M)
-    assert len(assigned) >= 35
-    assert [name for name, _ in cn.constants_table()] == assigned
+    assigned = re.findall(r"^([A-Z][A-Z0-9_]*)\b", block, re.M)
+    table = cli.constants_table(SCRIPT)
+    assert len(assigned) >= 35 and [name for name, _, _ in table] == assigned
+    for name, kind, _ in table:
+        value = getattr(cn, name)
+        assert isinstance(value, kind) or (kind is float and type(value) is int), (name, kind, value)
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("LR = 1e-3  # the learning rate", "write each constant as NAME: int|float|str|bool"),
+    ("LR: float = 1e-3", "LR needs a '# what it is' comment"),
+    ("LR: list = [1]  # rates", "write each constant as NAME: int|float|str|bool"),
+])
+def test_a_constant_that_would_lose_its_flag_is_an_error(tmp_path, line, problem):
+    script = tmp_path / "script.py"
+    script.write_text(f"# ---- constants\nEPOCHS: int = 3  # epochs\n{line}\n# ---- end of constants\n")
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        cli.constants_table(str(script))
+
+
+def test_a_float_constant_written_as_an_integer_takes_a_float(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("# ---- constants\nLR: float = 1  # the learning rate\nEPOCHS: int = 3  # epochs\n"
+                      "# ---- end of constants\n")
+    parser = cli.OneLineParser(prog="script.py")
+    cli.add_constant_flags(parser, str(script), {"LR": 1, "EPOCHS": 3})
+    args = parser.parse_args(["--lr", "0.5", "--epochs", "4"])
+    assert args.LR == 0.5 and args.EPOCHS == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--epochs", "2.5"])
 
 
 def test_flags_parse_to_the_right_types():
@@ -78,7 +107,7 @@ def test_flags_parse_to_the_right_types():
     assert untouched == {k: v for k, v in cn.default_config().items() if k in untouched}
     # every constant given explicitly at its default value gives the default config back
     argv = []
-    for name, _ in cn.constants_table():
+    for name, _, _ in cli.constants_table(SCRIPT):
         value = cn.default_config()[name]
         flag = "--" + name.lower().replace("_", "-")
         if isinstance(value, bool):

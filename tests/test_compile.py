@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from conftest import cn, copy_run, describe, load_pt, read_rows, run_script, train_args
+from conftest import cn, copy_run, describe, load_pt, read_rows, run_main, train_args
+from capsnet import fast  # noqa: E402
 
 
 def test_children_last_layout_is_the_same_routing():
@@ -65,7 +66,7 @@ def test_auto_times_both_layers_in_turn_and_keeps_the_faster(capsys, seconds, ex
     """auto: compiled twice and eager once untimed, then 4 timed steps of each in turn; the one
     with the faster median is used from then on, announced in one line."""
     model = FakeModel()
-    choice = cn.CompileChoice(model, torch.device("cpu"), "auto")
+    choice = fast.CompileChoice(model, torch.device("cpu"), "auto")
     choice.clock = FakeClock(model, seconds)
     run_steps(choice, 11)
     assert model.used == ["compiled", "compiled", "eager"] + ["compiled", "eager"] * 4 + [expected]
@@ -81,16 +82,16 @@ def test_auto_resumes_an_unfinished_trial_where_it_stopped():
     """The state saved in a checkpoint mid-trial continues the same schedule in a new run."""
     seconds = {"compiled": 0.25, "eager": 0.5}  # exact in binary: the summed clock times compare equal
     whole, first = FakeModel(), FakeModel()
-    uninterrupted = cn.CompileChoice(whole, torch.device("cpu"), "auto")
+    uninterrupted = fast.CompileChoice(whole, torch.device("cpu"), "auto")
     uninterrupted.clock = FakeClock(whole, seconds)
     run_steps(uninterrupted, 11)
-    before = cn.CompileChoice(first, torch.device("cpu"), "auto")
+    before = fast.CompileChoice(first, torch.device("cpu"), "auto")
     before.clock = FakeClock(first, seconds)
     run_steps(before, 6)
     state = before.state()
     assert state["choice"] is None and state["step"] == 6
     second = FakeModel()
-    after = cn.CompileChoice(second, torch.device("cpu"), "auto", state)
+    after = fast.CompileChoice(second, torch.device("cpu"), "auto", state)
     after.clock = FakeClock(second, seconds)
     run_steps(after, 5)
     assert first.used + second.used == whole.used
@@ -102,7 +103,7 @@ def test_forced_settings_and_a_decided_state_run_no_trial(capsys):
     for setting, state, expected in ((True, None, "compiled"), (False, None, "eager"),
                                      ("auto", {"choice": "eager", "step": 11, "times": {}}, "eager")):
         model = FakeModel()
-        choice = cn.CompileChoice(model, torch.device("cpu"), setting, state)
+        choice = fast.CompileChoice(model, torch.device("cpu"), setting, state)
         choice.clock = FakeClock(model, {"compiled": 1.0, "eager": 2.0})
         run_steps(choice, 12)
         assert model.used == [expected] and choice.choice == expected
@@ -111,7 +112,7 @@ def test_forced_settings_and_a_decided_state_run_no_trial(capsys):
 
 def test_auto_falls_back_to_eager_when_compiling_failed(capsys):
     model = FakeModel(failed=True)
-    choice = cn.CompileChoice(model, torch.device("cpu"), "auto")
+    choice = fast.CompileChoice(model, torch.device("cpu"), "auto")
     choice.clock = FakeClock(model, {"compiled": 0.1, "eager": 0.5})
     run_steps(choice, 11)
     assert choice.choice == "eager" and model.used[-1] == "eager"
@@ -123,7 +124,7 @@ def test_compile_flag_values():
     for argv, value in (([], "auto"), (["--compile"], True), (["--no-compile"], False),
                         (["--compile", "off"], False), (["--compile", "on"], True), (["--compile", "auto"], "auto")):
         assert cn.make_config(parser.parse_args(argv), None)["COMPILE"] == value, argv
-    done = run_script(["--compile", "sometimes"])
+    done = run_main(["--compile", "sometimes"])
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "must be auto, on or off" in lines[0], describe(done)
 
@@ -133,7 +134,7 @@ def test_auto_run_records_its_choice_and_a_resumed_run_keeps_it(tiny_mnist, tmp_
     choice falls in epoch 2; one line says it; the metrics rows and the checkpoint record it; a
     resumed run keeps it without a new trial. No compiler chatter reaches stderr."""
     run = str(tmp_path / "run")
-    done = run_script(train_args(tiny_mnist["root"], run, "--compile", "auto", epochs=2))
+    done = run_main(train_args(tiny_mnist["root"], run, "--compile", "auto", epochs=2))
     assert done.returncode == 0, describe(done)
     announced = re.findall(r"^compile auto: the (compiled|eager) capsule layer is faster", done.stdout, re.M)
     assert len(announced) == 1, describe(done)
@@ -144,7 +145,7 @@ def test_auto_run_records_its_choice_and_a_resumed_run_keeps_it(tiny_mnist, tmp_
     assert ckpt["config"]["COMPILE"] == "auto"
     for noise in ("No CUDA runtime", "cpp_extension", "torch._dynamo", "torch._inductor"):
         assert noise not in done.stderr, describe(done)
-    resumed = run_script(["--resume", os.path.join(copy_run(run, tmp_path / "again"), "last.pt"), "--epochs", "3",
+    resumed = run_main(["--resume", os.path.join(copy_run(run, tmp_path / "again"), "last.pt"), "--epochs", "3",
                           "--no-visdom"])
     assert resumed.returncode == 0, describe(resumed)
     assert "compile auto" not in resumed.stdout

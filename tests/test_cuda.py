@@ -1,9 +1,10 @@
-"""CUDA: forward/backward, a Stepper training step and the visualisations on the GPU."""
+"""CUDA: forward/backward, a BatchLoss training step and the visualisations on the GPU."""
 
 import pytest
 import torch
 
 from conftest import cn, small_model
+from capsnet import figures, runtime  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -14,10 +15,10 @@ def test_cuda_forward_backward_and_train_step(digit_batch):
     gradients for every parameter and an Adam step that changes the weights."""
     device = torch.device("cuda")
     cfg = cn.default_config()
-    model = cn.place_model(small_model(), cfg, device).train()
+    model = cn.model_to_device(small_model(), cfg, device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    dtype = cn.amp_dtype(device, True)
-    stepper = cn.Stepper(model, cn.CapsuleLoss(), device, dtype, 2, True)
+    dtype = runtime.amp_dtype(device, True)
+    stepper = cn.BatchLoss(model, cn.CapsuleLoss(), device, dtype, 2, True)
     x, labels = digit_batch
     images_u8 = (x[:, 0] * 255).round().to(torch.uint8).to(device)
     labels = labels.to(device)
@@ -42,7 +43,7 @@ def test_cuda_visualisations(digit_batch):
     """perturbation_grid, class_mask_grid and coupling_maps work on CUDA tensors."""
     model = small_model(w_init_std=1.0).cuda()
     x = digit_batch[0].cuda()
-    assert cn.perturbation_grid(model, x).shape == (8, 16, 11, 1, 28, 28)
-    assert cn.class_mask_grid(model, x).shape == (8, 10, 1, 28, 28)
-    maps = cn.coupling_maps(model, x[:1])
+    assert figures.perturbation_grid(model, x).shape == (8, 16, 11, 1, 28, 28)
+    assert figures.class_mask_grid(model, x).shape == (8, 10, 1, 28, 28)
+    maps = figures.coupling_maps(model, x[:1])
     torch.testing.assert_close(maps.sum(0), torch.ones(4, 6, 6, device="cuda"))

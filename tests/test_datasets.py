@@ -8,6 +8,15 @@ import pytest
 import torch
 
 from conftest import cn
+from capsnet import data, runtime  # noqa: E402
+
+
+def load_split(cfg, train):
+    return data.load_split(cfg, train, cn.DATASETS[cfg["DATASET"]])
+
+
+def nominal_data_settings(cfg):
+    return data.nominal_data_settings(cfg, cn.DATASETS[cfg["DATASET"]])
 
 
 def write_norb(path, array, magic=0x1E3D4C55, compress=False):
@@ -26,24 +35,24 @@ def test_read_norb_matrix_reads_bytes_and_integers(tmp_path, compress):
     labels = np.array([0, 4, 2, 1, 3, 0], dtype="<i4")
     write_norb(tmp_path / ("dat.mat.gz" if compress else "dat.mat"), images, compress=compress)
     write_norb(tmp_path / "cat.mat", labels, magic=0x1E3D4C54)
-    got = cn.read_norb_matrix(str(tmp_path / "dat.mat"))  # finds the .gz when only it exists
+    got = data.read_norb_matrix(str(tmp_path / "dat.mat"))  # finds the .gz when only it exists
     assert got.dtype == torch.uint8 and tuple(got.shape) == (6, 2, 96, 96)
     assert np.array_equal(got.numpy(), images)
-    cat = cn.read_norb_matrix(str(tmp_path / "cat.mat"))
+    cat = data.read_norb_matrix(str(tmp_path / "cat.mat"))
     assert cat.dtype == torch.int32 and cat.tolist() == labels.tolist()
 
 
 def test_read_norb_matrix_names_the_bad_file(tmp_path):
-    with pytest.raises(cn.UsageError, match="missing.mat"):
-        cn.read_norb_matrix(str(tmp_path / "missing.mat"))
+    with pytest.raises(runtime.UsageError, match="missing.mat"):
+        data.read_norb_matrix(str(tmp_path / "missing.mat"))
     write_norb(tmp_path / "short.mat", np.zeros((4, 2, 8, 8), np.uint8))
     with open(tmp_path / "short.mat", "r+b") as f:
         f.truncate(100)
-    with pytest.raises(cn.UsageError, match=r"short.mat: .*bytes of data for a 4x2x8x8 uint8 matrix"):
-        cn.read_norb_matrix(str(tmp_path / "short.mat"))
+    with pytest.raises(runtime.UsageError, match=r"short.mat: .*bytes of data for a 4x2x8x8 uint8 matrix"):
+        data.read_norb_matrix(str(tmp_path / "short.mat"))
     (tmp_path / "text.mat").write_bytes(b"hello, this is not a matrix")
-    with pytest.raises(cn.UsageError, match="not a NORB binary matrix"):
-        cn.read_norb_matrix(str(tmp_path / "text.mat"))
+    with pytest.raises(runtime.UsageError, match="not a NORB binary matrix"):
+        data.read_norb_matrix(str(tmp_path / "text.mat"))
 
 
 def test_random_crop_flip_crops_and_flips_each_image_on_its_own():
@@ -52,9 +61,9 @@ def test_random_crop_flip_crops_and_flips_each_image_on_its_own():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     torch.manual_seed(1)
-    out = cn.random_crop_flip(images, 24, flip=True)
+    out = data.random_crop_flip(images, 24, flip=True)
     torch.manual_seed(1)
-    assert torch.equal(out, cn.random_crop_flip(images, 24, flip=True))
+    assert torch.equal(out, data.random_crop_flip(images, 24, flip=True))
     assert out.shape == (64, 3, 24, 24)
     offsets, flips = set(), []
     for k in range(64):
@@ -65,9 +74,9 @@ def test_random_crop_flip_crops_and_flips_each_image_on_its_own():
         flips.append(found[0][2])
     assert len(offsets) > 20 and 10 < sum(flips) < 54
     torch.manual_seed(1)
-    plain = cn.random_crop_flip(images, 24, flip=False)
+    plain = data.random_crop_flip(images, 24, flip=False)
     assert not torch.equal(plain, out)
-    assert torch.equal(cn.center_crop(images, 24), images[:, :, 4:28, 4:28])
+    assert torch.equal(data.center_crop(images, 24), images[:, :, 4:28, 4:28])
 
 
 # ---- small files in each data set's own format ----
@@ -75,7 +84,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
 
-from conftest import (SMALL_ARCH, SMALL_BATCHES, describe, make_digits, read_rows, run_script,  # noqa: E402
+from conftest import (SMALL_ARCH, SMALL_BATCHES, describe, make_digits, read_rows, run_main, run_script,  # noqa: E402
                       write_idx_images, write_idx_labels)
 
 N_TRAIN, N_TEST = 60, 30
@@ -191,7 +200,7 @@ def test_each_loader_reads_its_own_format(name, tmp_path):
     labels from 0, the class names; EMNIST upright; SVHN's 10 is the digit 0."""
     written = WRITERS[name](str(tmp_path))
     cfg = config(name, tmp_path)
-    images, labels, classes = cn.load_split(cfg, True)
+    images, labels, classes = load_split(cfg, True)
     channels, _, n_classes = SHAPES[name]
     assert images.dtype == torch.uint8 and labels.dtype == torch.int64
     assert len(classes) == n_classes and int(labels.min()) == 0 and int(labels.max()) < n_classes
@@ -207,10 +216,10 @@ def test_each_loader_reads_its_own_format(name, tmp_path):
     if name == "svhn":
         assert labels.tolist() == (np.arange(N_TRAIN) % 10).tolist()
     if name == "smallnorb":  # 96 -> 48 by 2x2 averages
-        dat = cn.read_norb_matrix(str(tmp_path / "smallnorb" / "smallnorb-5x46789x9x18x6x2x96x96-training-dat.mat"))
+        dat = data.read_norb_matrix(str(tmp_path / "smallnorb" / "smallnorb-5x46789x9x18x6x2x96x96-training-dat.mat"))
         box = dat.float().reshape(N_TRAIN, 2, 48, 2, 48, 2).mean((3, 5))
         assert (images.float() - box).abs().max() <= 0.5 + 1e-4
-    test_images, test_labels, _ = cn.load_split(dict(cfg, CLASS_NAMES=classes, IMAGE_CHANNELS=channels), False)
+    test_images, test_labels, _ = load_split(dict(cfg, CLASS_NAMES=classes, IMAGE_CHANNELS=channels), False)
     assert len(test_labels) == {"folder": 9}.get(name, N_TEST)
 
 
@@ -227,7 +236,7 @@ def expected_parameters(channels, size, classes, conv1=256, types=32, pdim=8, dd
 def test_the_model_follows_each_data_set(name):
     """Input channels, size (after the crop) and classes from the data set, PrimaryCaps grid and
     capsule count following; MNIST keeps its 8,215,568 parameters."""
-    cfg = cn.nominal_data_settings(config(name, "unused"))
+    cfg = nominal_data_settings(config(name, "unused"))
     model = cn.build_model(cfg)
     nominal = {"mnist": (1, 28, 10), "multimnist": (1, 36, 10), "folder": (3, 28, 10)}  # folder: DATASETS' shape
     channels, size, classes = nominal.get(name) or SHAPES[name]
@@ -263,7 +272,7 @@ def test_every_data_set_trains_an_epoch_from_the_command_line(name, data_root, t
     """One epoch on the data set's files: exit 0, the start-up line with the data set's shape, a
     metrics row, and a checkpoint that records what the data decided."""
     run = str(tmp_path / "run")
-    done = run_script(tiny(data_root, run, name))
+    done = run_main(tiny(data_root, run, name))
     assert done.returncode == 0, describe(done)
     channels, size, classes = SHAPES[name]
     assert f"; {name}: " in done.stdout and f"{channels}x{size}x{size} input" in done.stdout
@@ -275,14 +284,14 @@ def test_every_data_set_trains_an_epoch_from_the_command_line(name, data_root, t
 
 
 def test_crops_and_flips_are_drawn_for_training_images_only(data_root):
-    """cifar10's Stepper: in training every call draws new crops and flips; at test the central
+    """cifar10's BatchLoss: in training every call draws new crops and flips; at test the central
     24x24 crop, always the same."""
-    cfg = cn.nominal_data_settings(config("cifar10", data_root))
-    images, labels, _ = cn.load_split(cfg, False)
+    cfg = nominal_data_settings(config("cifar10", data_root))
+    images, labels, _ = load_split(cfg, False)
     seen = []
     model = cn.build_model(dict(cfg, CONV1_CHANNELS=8, PRIMARY_CAPS=2, DECODER_HIDDEN1=16, DECODER_HIDDEN2=32))
-    step = cn.Stepper(model, cn.CapsuleLoss(), torch.device("cpu"), None, 0, False, crop=24, flip=True)
-    model.forward = lambda x, labels=None, digits=1: (seen.append(x.clone()), model.capsules(x)[0].norm(dim=-1),
+    step = cn.BatchLoss(model, cn.CapsuleLoss(), torch.device("cpu"), None, 0, False, crop=24, flip=True)
+    model.forward = lambda x, labels=None, objects=1: (seen.append(x.clone()), model.capsules(x)[0].norm(dim=-1),
                                                       torch.zeros_like(x))[1:]
     model.train()
     step((images[:8], labels[:8]))
@@ -301,10 +310,10 @@ def test_an_ensemble_averages_the_capsule_lengths(data_root, tmp_path):
     predictions are the argmax of the two models' mean lengths (checked in this process)."""
     runs = [str(tmp_path / f"run{k}") for k in (1, 2)]
     for seed, run in enumerate(runs):
-        done = run_script(tiny(data_root, run, "fashion-mnist", "--seed", seed))
+        done = run_main(tiny(data_root, run, "fashion-mnist", "--seed", seed))
         assert done.returncode == 0, describe(done)
     out = str(tmp_path / "eval")
-    done = run_script(["--eval-only", "--resume", os.path.join(runs[0], "last.pt"), "--resume",
+    done = run_main(["--eval-only", "--resume", os.path.join(runs[0], "last.pt"), "--resume",
                        os.path.join(runs[1], "last.pt"), "--run-dir", out])
     assert done.returncode == 0, describe(done)
     assert "model 1 (" in done.stdout and "model 2 (" in done.stdout and "ensemble of 2: test accuracy" in done.stdout
@@ -312,13 +321,13 @@ def test_an_ensemble_averages_the_capsule_lengths(data_root, tmp_path):
         result = json.load(f)
     lengths = []
     for run in runs:
-        ckpt = cn.load_checkpoint(os.path.join(run, "last.pt"))
+        ckpt = runtime.load_checkpoint(os.path.join(run, "last.pt"))
         cfg = dict(cn.default_config(), **ckpt["config"])
         model = cn.build_model(cfg)
-        cn.load_weights(model, ckpt["model"])
-        images, labels, _ = cn.load_split(cfg, False)
-        with torch.no_grad(), cn.autocast(torch.device("cpu"), cn.amp_dtype(torch.device("cpu"), True)):
-            lengths.append(model.eval()(cn.to_float_images(images))[0].float())
+        runtime.load_weights(model, ckpt["model"])
+        images, labels, _ = load_split(cfg, False)
+        with torch.no_grad(), runtime.autocast(torch.device("cpu"), runtime.amp_dtype(torch.device("cpu"), True)):
+            lengths.append(model.eval()(data.to_float_images(images))[0].float())
     ensemble = 100.0 * float((torch.stack(lengths).mean(0).argmax(1) == labels).float().mean())
     assert result["test_accuracy"] == pytest.approx(ensemble, abs=1e-6)
     assert [m["test_accuracy"] for m in result["members"]] == pytest.approx(
@@ -331,8 +340,8 @@ def test_predict_on_png_files_of_a_drawn_digit(tiny_mnist, tmp_path):
     from PIL import Image, ImageDraw
 
     run = str(tmp_path / "run")
-    done = run_script(["--data-dir", tiny_mnist["root"], "--run-dir", run, "--no-visdom", "--epochs", 1,
-                       "--no-compile", *SMALL_ARCH, *SMALL_BATCHES])
+    done = run_main(["--data-dir", tiny_mnist["root"], "--run-dir", run, "--no-visdom", "--epochs", 1,
+                       "--no-compile", "--device", "cpu", *SMALL_ARCH, *SMALL_BATCHES])
     assert done.returncode == 0, describe(done)
     drawn = Image.new("L", (120, 120), 255)
     ImageDraw.Draw(drawn).line([(60, 15), (60, 105)], fill=0, width=14)  # a "1"
@@ -376,14 +385,14 @@ def test_bad_data_is_one_line_and_nothing_written(name, damage, fragment, tmp_pa
     WRITERS[name](root)
     damage(root)
     run = str(tmp_path / "run")
-    one_line_error(run_script(tiny(root, run, name)), fragment, run)
+    one_line_error(run_main(tiny(root, run, name)), fragment, run)
 
 
 def test_images_too_small_name_the_smallest_size(tmp_path):
     root = str(tmp_path / "data")
     write_folder(root)
     run = str(tmp_path / "run")
-    one_line_error(run_script(tiny(root, run, "folder", "--image-size", 16)),
+    one_line_error(run_main(tiny(root, run, "folder", "--image-size", 16)),
                    "16x16 images are too small for Conv1 and PrimaryCaps (9x9 kernels, stride 2): the smallest "
                    "size that works is 17x17", run)
 
@@ -392,8 +401,8 @@ def test_a_grey_folder_is_one_channel(tmp_path):
     """IMAGE_CHANNELS 0: 3 if any training image has colour, else 1."""
     root = str(tmp_path / "data")
     write_folder(root, colour=False)
-    images, _, _ = cn.load_split(config("folder", root), True)
+    images, _, _ = load_split(config("folder", root), True)
     assert images.dim() == 3
     write_folder(str(tmp_path / "colour"))
-    images, _, _ = cn.load_split(config("folder", str(tmp_path / "colour")), True)
+    images, _, _ = load_split(config("folder", str(tmp_path / "colour")), True)
     assert images.shape[1] == 3

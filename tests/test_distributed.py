@@ -7,12 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPT, describe, load_pt, read_rows, run_script, train_args
+from conftest import ROOT, SCRIPT, describe, load_pt, read_rows, run_main, train_args
 
 # An odd training set: 190 images in batches of 20 end with a batch of 10 (5 per process); shifts
 # on; fp32, where the same sums in another order agree to about 1e-7 (bf16 autocast rounds the
@@ -62,7 +63,7 @@ def one_and_two(tiny_mnist, tmp_path_factory):
     """The same 2-epoch run (seed 0, shifts on, a smaller last batch) in one process and in two."""
     base = tmp_path_factory.mktemp("ddp")
     one, two = str(base / "one"), str(base / "two")
-    done_one = run_script(train_args(tiny_mnist["root"], one, *ODD, epochs=2))
+    done_one = run_main(train_args(tiny_mnist["root"], one, *ODD, epochs=2))
     assert done_one.returncode == 0, describe(done_one)
     done_two = torchrun(train_args(tiny_mnist["root"], two, *ODD, epochs=2))
     assert done_two.returncode == 0, describe(done_two)
@@ -94,9 +95,9 @@ def test_checkpoints_move_between_process_counts(one_and_two, tmp_path):
     a, b = str(tmp_path / "two_then_one"), str(tmp_path / "one_then_two")
     done = torchrun(train_args(data, a, *ODD, epochs=1))
     assert done.returncode == 0, describe(done)
-    done = run_script(["--resume", os.path.join(a, "last.pt"), "--epochs", 2])
+    done = run_main(["--resume", os.path.join(a, "last.pt"), "--epochs", 2])
     assert done.returncode == 0, describe(done)
-    done = run_script(train_args(data, b, *ODD, epochs=1))
+    done = run_main(train_args(data, b, *ODD, epochs=1))
     assert done.returncode == 0, describe(done)
     done = torchrun(["--resume", os.path.join(b, "last.pt"), "--epochs", 2])
     assert done.returncode == 0, describe(done)
@@ -109,10 +110,10 @@ def test_resume_auto_starts_fresh_then_continues(tiny_mnist, tmp_path):
     """--resume auto without RUN_DIR/last.pt starts a new run in RUN_DIR itself (no -2 folder);
     given again, it continues that run."""
     run = str(tmp_path / "job")
-    done = run_script(train_args(tiny_mnist["root"], run, "--resume", "auto", epochs=1))
+    done = run_main(train_args(tiny_mnist["root"], run, "--resume", "auto", epochs=1))
     assert done.returncode == 0, describe(done)
     assert "--resume auto: no" in done.stdout and not os.path.exists(run + "-2")
-    done = run_script(train_args(tiny_mnist["root"], run, "--resume", "auto", epochs=2))
+    done = run_main(train_args(tiny_mnist["root"], run, "--resume", "auto", epochs=2))
     assert done.returncode == 0, describe(done)
     assert "resumed from epoch 1" in done.stdout
     assert [r["epoch"] for r in read_rows(run)] == [1, 2] and not os.path.exists(run + "-2")
@@ -159,7 +160,7 @@ def test_a_killed_worker_ends_the_job_and_leaves_last_pt_intact(tiny_mnist, tmp_
     assert proc.returncode != 0
     ckpt = load_pt(os.path.join(run, "last.pt"))
     assert ckpt["epoch"] >= 1 and len(read_rows(run)) >= ckpt["epoch"]
-    done = run_script(["--resume", os.path.join(run, "last.pt"), "--epochs", ckpt["epoch"] + 1])
+    done = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", ckpt["epoch"] + 1])
     assert done.returncode == 0, describe(done)
 
 
@@ -194,9 +195,9 @@ def test_the_speed_features_work_under_ddp(one_and_two, tmp_path):
     the compiled capsule layer, in 2 processes: it trains, and close to one process (bf16 rounds
     differently for half batches, so to 1e-3 here rather than 1e-5)."""
     data = one_and_two["data"]["root"]
-    odd_default = [a for a in ODD if a != "--no-amp"]
+    odd_default = [a for a in ODD if a != "--no-amp"] + ["--compile"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    done = run_script(train_args(data, one, *odd_default, epochs=1))
+    done = run_main(train_args(data, one, *odd_default, epochs=1))
     assert done.returncode == 0, describe(done)
     done = torchrun(train_args(data, two, *odd_default, epochs=1))
     assert done.returncode == 0, describe(done)
@@ -212,7 +213,7 @@ def test_multimnist_in_two_processes_trains_as_in_one(tiny_mnist, tmp_path):
     rows (both-right and at-least-one scores included) as one process."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     args = ["--dataset", "multimnist", "--no-amp", "--no-compile"]
-    done = run_script(train_args(tiny_mnist["root"], one, *args, epochs=1))
+    done = run_main(train_args(tiny_mnist["root"], one, *args, epochs=1))
     assert done.returncode == 0, describe(done)
     done = torchrun(train_args(tiny_mnist["root"], two, *args, epochs=1))
     assert done.returncode == 0, describe(done)
@@ -220,3 +221,41 @@ def test_multimnist_in_two_processes_trains_as_in_one(tiny_mnist, tmp_path):
     same_rows(a, b)
     for key in ("train_accuracy_any", "test_accuracy_any"):
         assert a[0][key] == pytest.approx(b[0][key], rel=TOLERANCE), key
+
+
+def test_two_processes_stopped_mid_epoch_resume_in_step(one_and_two, tmp_path):
+    """SIGTERM to torchrun after epoch 1 (it passes the signal to its workers): the two processes
+    agree to stop at the same batch boundary (they compare notes every --progress-every batches),
+    rank 0 writes both processes' position, each exits 143; torchrun resumed from that checkpoint
+    ends where the uninterrupted two-process run ends (the same permutation and shifts in every
+    rank), to 1e-5."""
+    data = one_and_two["data"]["root"]
+    run = str(tmp_path / "stopped")
+    args = train_args(data, run, *ODD, "--progress-every", 2, epochs=50)
+    proc = subprocess.Popen(torchrun_command(args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    err = []  # rank 0's progress bar is on torchrun's stderr: the signal goes when epoch 2 begins
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while "epoch 2/50 train" not in "".join(err):
+            assert proc.poll() is None and time.monotonic() < deadline, "epoch 2 never began: " + "".join(err)[-3000:]
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    err = "".join(err)
+    assert "stopped by SIGTERM in epoch 2 after batch" in err, err[-4000:]
+    assert "Traceback" not in err.split("stopped by SIGTERM")[0], err[-4000:]
+    ckpt = load_pt(os.path.join(run, "last.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["partial"]["batch"] % 2 == 0 and len(ckpt["partial"]["stats"]) == 2
+    done = torchrun(["--resume", os.path.join(run, "last.pt"), "--epochs", 2])
+    assert done.returncode == 0, describe(done)
+    reference = one_and_two["two"]
+    same_rows(read_rows(run), read_rows(reference))
+    same_weights(os.path.join(run, "last.pt"), os.path.join(reference, "last.pt"))

@@ -5,16 +5,12 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import (CHECKPOINT_KEYS, METRIC_KEYS, N_TEST, SCRIPT, copy_run, describe, load_pt, read_rows,
-                      run_script, small_model, train_args)
+from conftest import (CHECKPOINT_KEYS, METRIC_KEYS, N_TEST, copy_run, describe, load_pt, read_rows,
+                      run_main, small_model, train_args)
 
 
 def test_training_writes_one_metrics_row_per_epoch(trained_run):
@@ -76,12 +72,12 @@ def test_resume_continues_exactly(trained_run, tmp_path):
     resumed = copy_run(trained_run["dir"], tmp_path / "resumed")
     with open(os.path.join(resumed, "metrics.jsonl"), encoding="utf-8") as f:
         first_two = f.read().splitlines()
-    done = run_script(["--resume", os.path.join(resumed, "last.pt"), "--epochs", 3])
+    done = run_main(["--resume", os.path.join(resumed, "last.pt"), "--epochs", 3])
     assert done.returncode == 0, describe(done)
     assert "resumed from epoch 2" in done.stdout
 
     straight = str(tmp_path / "straight")
-    done = run_script(train_args(trained_run["data"]["root"], straight, epochs=3))
+    done = run_main(train_args(trained_run["data"]["root"], straight, epochs=3))
     assert done.returncode == 0, describe(done)
 
     with open(os.path.join(resumed, "metrics.jsonl"), encoding="utf-8") as f:
@@ -119,7 +115,7 @@ def test_resume_drops_metrics_rows_past_the_checkpoint(trained_run, tmp_path):
         for epoch in (3, 4):
             f.write(json.dumps({"epoch": epoch, "lr": 123.0, "train_loss": 9.9, "train_accuracy": 1.0,
                                 "test_loss": 9.9, "test_accuracy": 1.0}) + "\n")
-    done = run_script(["--resume", os.path.join(run, "last.pt")])
+    done = run_main(["--resume", os.path.join(run, "last.pt")])
     assert done.returncode == 0, describe(done)
     assert "nothing to do" in done.stdout
     with open(path, encoding="utf-8") as f:
@@ -132,7 +128,7 @@ def test_resume_survives_a_partly_written_last_metrics_line(trained_run, tmp_pat
     run = copy_run(trained_run["dir"], tmp_path / "partial")
     with open(os.path.join(run, "metrics.jsonl"), "a", encoding="utf-8") as f:
         f.write('{"epoch": 3, "lr": 0.0009216, "train_lo')
-    done = run_script(["--resume", os.path.join(run, "last.pt")])
+    done = run_main(["--resume", os.path.join(run, "last.pt")])
     assert done.returncode == 0 and "Traceback" not in done.stderr, describe(done)
     with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
         lines = f.read().splitlines()
@@ -144,7 +140,7 @@ def test_fresh_run_does_not_mix_its_metrics_with_an_old_run(trained_run, tmp_pat
     (metrics and checkpoints) and writes the new run to RUN_DIR-2, saying so."""
     run = copy_run(trained_run["dir"], tmp_path / "reused")
     before = {name: open(os.path.join(run, name), "rb").read() for name in ("metrics.jsonl", "last.pt", "best.pt")}
-    done = run_script(train_args(trained_run["data"]["root"], run, epochs=1))
+    done = run_main(train_args(trained_run["data"]["root"], run, epochs=1))
     assert done.returncode == 0 and "Traceback" not in done.stderr, describe(done)
     after = {name: open(os.path.join(run, name), "rb").read() for name in before}
     assert after == before
@@ -157,7 +153,7 @@ def test_eval_only_reports_the_checkpoints_test_accuracy(trained_run, tmp_path):
     """--eval-only --resume last.pt -> exit 0, prints the test accuracy in percent and writes
     eval.json next to the checkpoint; the numbers equal the last training epoch's test pass."""
     run = copy_run(trained_run["dir"], tmp_path / "evaluated")
-    done = run_script(["--eval-only", "--resume", os.path.join(run, "last.pt")])
+    done = run_main(["--eval-only", "--resume", os.path.join(run, "last.pt")])
     assert done.returncode == 0, describe(done)
     printed = re.search(r"test accuracy ([\d.]+)%", done.stdout)
     assert printed, done.stdout
@@ -175,40 +171,11 @@ def test_eval_only_reports_the_checkpoints_test_accuracy(trained_run, tmp_path):
     assert int(confusion.diag().sum()) == round(result["test_accuracy"] * N_TEST / 100)
 
 
-def test_ctrl_c_stops_cleanly_with_exit_130(tiny_mnist, tmp_path):
-    """SIGINT during training: exit 130, the 'interrupted ... --resume' line, no traceback, and
-    last.pt holds the last completed epoch."""
-    run_dir = str(tmp_path / "run")
-    args = train_args(tiny_mnist["root"], run_dir, epochs=50)
-    proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
-    try:
-        deadline = time.monotonic() + 240
-        while not (os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and read_rows(run_dir)):
-            assert proc.poll() is None and time.monotonic() < deadline, "no epoch finished"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err
-    assert "interrupted: the last completed epoch is in last.pt; continue with --resume" in err
-    rows = read_rows(run_dir)
-    assert 1 <= len(rows) < 50
-    # last.pt is saved just before its metrics row is appended, so an interrupt landing between
-    # the two leaves last.pt one epoch ahead of metrics.jsonl
-    assert load_pt(os.path.join(run_dir, "last.pt"))["epoch"] == rows[-1]["epoch"]  # written together
-
-
 def test_a_preset_run_prints_and_saves_its_recipe(tiny_mnist, tmp_path):
     """--preset mnist-2h (its epochs cut to 1 by a flag): the recipe's line at start, and the
     checkpoint carries the preset and its learning-rate decay (so --resume continues it)."""
     run = str(tmp_path / "run")
-    done = run_script(train_args(tiny_mnist["root"], run, "--preset", "mnist-2h", epochs=1))
+    done = run_main(train_args(tiny_mnist["root"], run, "--preset", "mnist-2h", epochs=1))
     assert done.returncode == 0, describe(done)
     assert "preset mnist-2h: EPOCHS=1 (the preset's 30, overridden), LR_DECAY=0.88" in done.stdout.splitlines()
     ckpt = load_pt(os.path.join(run, "last.pt"))

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from conftest import cn, copy_run, describe, load_pt, make_digits, read_rows, run_script, train_args
+from conftest import cn, copy_run, describe, load_pt, make_digits, read_rows, run_main, train_args
+from capsnet import data, figures, meters  # noqa: E402
 
 
 def digits(n=60, seed=1):
@@ -123,7 +124,7 @@ def test_the_decoder_runs_once_per_digit_masked_by_that_digits_capsule():
         assert recon.shape == (3, 2, 1, 36, 36)
         for k in range(2):
             torch.testing.assert_close(recon[:, k], model.decode(v, pair[:, k]))
-        lengths, predicted = model(x, digits=2)
+        lengths, predicted = model(x, objects=2)
         top = lengths.topk(2, dim=1).indices
         for k in range(2):
             torch.testing.assert_close(predicted[:, k], model.decode(v, top[:, k]))
@@ -139,7 +140,7 @@ def test_matched_predictions_order_the_two_longest_capsules_like_the_labels():
     lengths[3, [3, 7]] = torch.tensor([0.7, 0.9])  # labels (3, 5): only 3 found, second longest
     lengths[4, [1, 2]] = torch.tensor([0.9, 0.8])  # labels (3, 5): neither
     labels = torch.tensor([[3, 5]] * 5)
-    classes, swapped = cn.matched_predictions(lengths, labels)
+    classes, swapped = meters.matched_predictions(lengths, labels)
     assert classes.tolist() == [[3, 5], [3, 5], [7, 5], [3, 7], [1, 2]]
     assert swapped.tolist() == [False, True, True, True, False]
 
@@ -150,9 +151,9 @@ def test_the_fixed_test_pairs_do_not_depend_on_the_seed_or_the_pass():
     torch's default generator (so a restored RNG state draws them again)."""
     images, labels = digits(60)
     torch.manual_seed(1)
-    a = cn.PairBatches(images, labels, 25, 4, fixed=True, repeats=2)
+    a = data.PairBatches(images, labels, 25, 4, fixed=True, repeats=2)
     torch.manual_seed(2)
-    b = cn.PairBatches(images, labels, 25, 4, fixed=True, repeats=2)
+    b = data.PairBatches(images, labels, 25, 4, fixed=True, repeats=2)
     assert a.rows == 120 and len(a) == 5
     first, again, other = list(a), list(a), list(b)
     for x, y, z in zip(first, again, other):
@@ -164,7 +165,7 @@ def test_the_fixed_test_pairs_do_not_depend_on_the_seed_or_the_pass():
     assert not torch.equal(composites[:60], composites[60:])  # the second repeat has other partners
     assert torch.equal(composites, (parts[:, 0].int() + parts[:, 1].int()).clamp(max=255).to(torch.uint8))
 
-    train = cn.PairBatches(images, labels, 25, 4, fixed=False)
+    train = data.PairBatches(images, labels, 25, 4, fixed=False)
     torch.manual_seed(5)
     one = [t.clone() for t in next(iter(train))]
     two = next(iter(train))
@@ -175,7 +176,7 @@ def test_the_fixed_test_pairs_do_not_depend_on_the_seed_or_the_pass():
 
 
 def test_the_test_loss_compares_each_reconstruction_with_its_own_digit():
-    """At test time the Stepper reconstructs from the two longest capsules and compares the one
+    """At test time the BatchLoss reconstructs from the two longest capsules and compares the one
     matched to label k (matched_predictions) with part k. The decoder is replaced by one that
     paints class c as the flat image c / 10, so the loss can be written down by hand."""
     torch.manual_seed(0)
@@ -183,10 +184,10 @@ def test_the_test_loss_compares_each_reconstruction_with_its_own_digit():
     composites, parts, pair_labels = cn.multimnist_pairs(images, labels, generator=torch.Generator().manual_seed(0))
     model = cn.CapsuleNet(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), image_size=36).eval()
     model.decode = lambda v, classes: (classes.float() / 10)[:, None, None, None].expand(-1, 1, 36, 36)
-    step = cn.Stepper(model, cn.CapsuleLoss(), torch.device("cpu"), None, 0, False)
+    step = cn.BatchLoss(model, cn.CapsuleLoss(), torch.device("cpu"), None, 0, False)
     with torch.no_grad():
         loss, lengths = step((composites, pair_labels, parts))
-    matched, _ = cn.matched_predictions(lengths, pair_labels)
+    matched, _ = meters.matched_predictions(lengths, pair_labels)
     present = torch.zeros(20, 10).scatter_(1, pair_labels, 1.0)
     margin = (present * (0.9 - lengths).clamp(min=0) ** 2
               + 0.5 * (1 - present) * (lengths - 0.1).clamp(min=0) ** 2).sum(1)
@@ -202,8 +203,8 @@ def test_fig5_tiles_overlay_the_two_reconstructions_in_red_and_green():
     images, labels = digits(20)
     composites, _, pair_labels = cn.multimnist_pairs(images, labels, generator=torch.Generator().manual_seed(0))
     model = cn.CapsuleNet(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), image_size=36).eval()
-    tiles = cn.fig5_tiles(model, composites[:6], pair_labels[:6])
-    x = cn.to_float_images(composites[:6])
+    tiles = figures.fig5_tiles(model, composites[:6], pair_labels[:6])
+    x = data.to_float_images(composites[:6])
     assert torch.equal(tiles["inputs"], x.repeat(1, 3, 1, 1))
     with torch.no_grad():
         v, _ = model.capsules(x)
@@ -213,13 +214,13 @@ def test_fig5_tiles_overlay_the_two_reconstructions_in_red_and_green():
     for k in range(6):
         assert int(tiles["absent"][k]) not in pair_labels[k].tolist() + tiles["predicted"][k].tolist()
     assert tiles["grid"].shape[0] == 3 and tiles["grid"].shape[1] == 3 * 36 + 4 * 2
-    assert cn.fig5_caption(tiles).count("L:(") == 6
+    assert figures.fig5_caption(tiles).count("L:(") == 6
 
 
 @pytest.fixture(scope="module")
 def pair_run(tiny_mnist, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("multimnist") / "run")
-    done = run_script(train_args(tiny_mnist["root"], run_dir, "--dataset", "multimnist", epochs=2))
+    done = run_main(train_args(tiny_mnist["root"], run_dir, "--dataset", "multimnist", epochs=2))
     assert done.returncode == 0, describe(done)
     return {"dir": run_dir, "process": done, "data": tiny_mnist}
 
@@ -242,10 +243,10 @@ def test_a_multimnist_run_reports_both_scores(pair_run):
 def test_a_multimnist_run_resumes_exactly(pair_run, tmp_path):
     """--resume continues with the same training pairs as an uninterrupted run: epoch 3 agrees."""
     resumed = copy_run(pair_run["dir"], tmp_path / "resumed")
-    done = run_script(["--resume", os.path.join(resumed, "last.pt"), "--epochs", 3])
+    done = run_main(["--resume", os.path.join(resumed, "last.pt"), "--epochs", 3])
     assert done.returncode == 0, describe(done)
     straight = str(tmp_path / "straight")
-    done = run_script(train_args(pair_run["data"]["root"], straight, "--dataset", "multimnist", epochs=3))
+    done = run_main(train_args(pair_run["data"]["root"], straight, "--dataset", "multimnist", epochs=3))
     assert done.returncode == 0, describe(done)
     a, b = read_rows(resumed), read_rows(straight)
     assert [r["epoch"] for r in a] == [1, 2, 3]
@@ -261,7 +262,7 @@ def test_eval_only_and_visualize_on_the_fixed_test_pairs(pair_run, tmp_path):
     """--eval-only scores the same test pairs as the training run's last epoch (another process);
     --visualize writes fig5.png."""
     run = copy_run(pair_run["dir"], tmp_path / "run")
-    done = run_script(["--resume", os.path.join(run, "last.pt"), "--eval-only"])
+    done = run_main(["--resume", os.path.join(run, "last.pt"), "--eval-only"])
     assert done.returncode == 0, describe(done)
     assert "both digits right" in done.stdout and "at least one right" in done.stdout
     with open(os.path.join(run, "eval.json"), encoding="utf-8") as f:
@@ -272,7 +273,7 @@ def test_eval_only_and_visualize_on_the_fixed_test_pairs(pair_run, tmp_path):
     assert result["test_accuracy_any"] == pytest.approx(last["test_accuracy_any"], abs=1e-9)
     assert result["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
     assert sum(map(sum, result["confusion"])) == 200  # both digits of every test pair
-    done = run_script(["--resume", os.path.join(run, "last.pt"), "--visualize", "--recon-images", 4])
+    done = run_main(["--resume", os.path.join(run, "last.pt"), "--visualize", "--recon-images", 4])
     assert done.returncode == 0, describe(done)
     assert os.path.getsize(os.path.join(run, "fig5.png")) > 1000
 
@@ -285,6 +286,6 @@ def test_eval_only_and_visualize_on_the_fixed_test_pairs(pair_run, tmp_path):
     (["--dataset", "multimnist", "--multimnist-test-pairs", "0"], "--multimnist-test-pairs must be >= 1"),
 ])
 def test_bad_multimnist_settings_are_one_line_errors(argv, fragment, tmp_path):
-    done = run_script(["--run-dir", tmp_path / "run", "--no-visdom", *argv])
+    done = run_main(["--run-dir", tmp_path / "run", "--no-visdom", *argv])
     assert done.returncode == 2 and fragment in done.stderr, describe(done)
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

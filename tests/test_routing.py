@@ -131,21 +131,37 @@ def test_capsule_layer_equals_routing_on_u_hat(iterations, record):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("leaky", [False, True])
+@pytest.mark.parametrize("children_last", [False, True])
+def test_routing_as_written_equals_the_factored_layer(leaky, children_last):
+    """ROUTING_IMPL reference (routing_as_written: u_hat built, then dynamic_routing) and the default
+    factored capsule_layer give the same v, c, logit changes and gradients (fp64), leaky or not."""
+    g = torch.Generator().manual_seed(7)
+    J, I, E, D, B = 10, 4 * 36, 16, 8, 3
+    W = (0.3 * torch.randn(J, I, E, D, generator=g, dtype=torch.float64)).requires_grad_(True)
+    u = cn.squash(torch.randn(B, I, D, generator=g, dtype=torch.float64)).requires_grad_(True)
+    fast = cn.capsule_layer(W, u, 3, True, children_last=children_last, leaky=leaky)
+    reference = cn.routing_as_written(W, u, 3, True, leaky=leaky)
+    for got, want in zip(fast, reference):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    probe = torch.randn(B, J, E, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((fast[0] * probe).sum() + fast[1].sum(), (W, u))
+    ref_grads = torch.autograd.grad((reference[0] * probe).sum() + reference[1].sum(), (W, u))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_leaky_routing_sends_part_of_each_child_nowhere(iterations):
     """ROUTING_LEAKY: an extra parent with logit 0 in each child's softmax, dropped afterwards.
     The couplings to the real parents sum to less than 1 (1 - the leak's share), the first
-    iteration's are 1/(J+1); the factored capsule_layer agrees with dynamic_routing on u_hat,
-    and with the leak off both are plain routing."""
+    iteration's are 1/(J+1), and the outputs differ from plain routing's."""
     g = torch.Generator().manual_seed(5)
     J, I, E, D, B = 10, 4 * 36, 16, 8, 3
     W = 0.3 * torch.randn(J, I, E, D, generator=g, dtype=torch.float64)
     u = cn.squash(torch.randn(B, I, D, generator=g, dtype=torch.float64))
     u_hat = torch.einsum("jied,bid->bije", W, u)
-    v, c, _ = cn.capsule_layer(W, u, iterations, False, leaky=True)
-    v_ref, c_ref = cn.dynamic_routing(u_hat, iterations, leaky=True)
-    torch.testing.assert_close(v, v_ref, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(c, c_ref, rtol=1e-9, atol=1e-12)
+    v, c = cn.dynamic_routing(u_hat, iterations, leaky=True)
     total = c.sum(-1)
     assert (total < 1 - 1e-6).all() and (total > 0).all()
     if iterations == 1:
@@ -153,10 +169,26 @@ def test_leaky_routing_sends_part_of_each_child_nowhere(iterations):
     # by hand: the couplings are exp(b_j) / (1 + sum_k exp(b_k)) of the same logits as plain routing's
     b = torch.randn(B, I, J, generator=g, dtype=torch.float64)
     torch.testing.assert_close(cn.parent_softmax(b, 2, leaky=True), b.exp() / (1 + b.exp().sum(2, keepdim=True)))
-    plain, plain_ref = cn.capsule_layer(W, u, iterations, False), cn.dynamic_routing(u_hat, iterations)
-    torch.testing.assert_close(cn.capsule_layer(W, u, iterations, False, leaky=False)[0], plain[0])
-    torch.testing.assert_close(plain[1], plain_ref[1], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(plain[1].sum(-1), torch.ones(B, I, dtype=torch.float64))
+    v_plain, c_plain = cn.dynamic_routing(u_hat, iterations)
+    torch.testing.assert_close(c_plain.sum(-1), torch.ones(B, I, dtype=torch.float64))
+    assert not torch.allclose(v, v_plain)
+
+
+@pytest.mark.parametrize("impl", ["factored", "reference"])
+def test_the_model_runs_the_routing_it_is_built_with(impl, monkeypatch):
+    """CapsuleNet(routing_impl=...) calls that routing: a change to dynamic_routing shows in the
+    reference model's output only; both give the same output unchanged."""
+    torch.manual_seed(0)
+    kw = dict(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), cpu_malloc_tuning=False)
+    model = cn.CapsuleNet(routing_impl=impl, **kw).eval()
+    torch.manual_seed(0)
+    other = cn.CapsuleNet(routing_impl="reference" if impl == "factored" else "factored", **kw).eval()
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.capsules(x)[0], other.capsules(x)[0], rtol=1e-5, atol=1e-6)
+        monkeypatch.setattr(cn, "dynamic_routing", lambda u_hat, *a, **k: (u_hat.sum(1) * 0, u_hat[..., 0] * 0))
+        changed = model.capsules(x)[0]
+    assert (changed.abs().max() == 0) == (impl == "reference")
 
 
 def test_the_model_routes_leakily_when_asked():

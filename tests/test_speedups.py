@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cn, small_model
+from capsnet import fast  # noqa: E402
 
 
 def conv_grads(x, weight, bias, stride, gemm):
     x = x.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     b = bias.detach().clone().requires_grad_(True)
-    out = cn.StridedConvGemmGrad.apply(x, w, b, stride) if gemm else F.conv2d(x, w, b, stride)
+    out = fast.StridedConvGemmGrad.apply(x, w, b, stride) if gemm else F.conv2d(x, w, b, stride)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
     (out * g).sum().backward()
     return out.detach(), x.grad, w.grad, b.grad
@@ -79,11 +80,11 @@ def test_gemm_weight_gradient_under_bf16_autocast(digit_batch):
 
 
 def test_build_model_takes_the_gemm_gradient_setting_from_the_config():
-    """CPU_GEMM_WEIGHT_GRAD (a flag) reaches the model through build_model, and place_model keeps it."""
+    """CPU_GEMM_WEIGHT_GRAD (a flag) reaches the model through build_model, and model_to_device keeps it."""
     cfg = dict(cn.default_config(), COMPILE=False, CONV1_CHANNELS=16, PRIMARY_CAPS=4)
-    assert cn.place_model(cn.build_model(cfg), cfg, torch.device("cpu")).gemm_weight_grad is True
+    assert cn.model_to_device(cn.build_model(cfg), cfg, torch.device("cpu")).gemm_weight_grad is True
     cfg["CPU_GEMM_WEIGHT_GRAD"] = False
-    assert cn.place_model(cn.build_model(cfg), cfg, torch.device("cpu")).gemm_weight_grad is False
+    assert cn.model_to_device(cn.build_model(cfg), cfg, torch.device("cpu")).gemm_weight_grad is False
 
 
 
@@ -92,7 +93,7 @@ def dft_conv_grads(x, weight, bias, stride, dtype):
     x = x.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     b = bias.detach().clone().requires_grad_(True)
-    out = cn.conv2d_dft(x.permute(0, 2, 3, 1), w, b, stride, dtype)
+    out = fast.conv2d_dft(x.permute(0, 2, 3, 1), w, b, stride, dtype)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(out.dtype)
     (out * g).sum().backward()
     return out.detach(), x.grad, w.grad, b.grad
@@ -132,9 +133,9 @@ def test_dft_convolution_precision_at_the_primary_caps_shape():
         return ((y.double() - exact).norm() / exact.norm()).item()
 
     xl = x.permute(0, 2, 3, 1)
-    assert error(cn.conv2d_dft(xl.float(), weight.float(), bias.float(), 2, torch.float32)) < 2e-6
+    assert error(fast.conv2d_dft(xl.float(), weight.float(), bias.float(), 2, torch.float32)) < 2e-6
     bf16_direct = error(F.conv2d(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), 2))
-    bf16_dft = error(cn.conv2d_dft(xl.bfloat16(), weight.float(), bias.float(), 2, torch.bfloat16))
+    bf16_dft = error(fast.conv2d_dft(xl.bfloat16(), weight.float(), bias.float(), 2, torch.bfloat16))
     assert bf16_direct < 0.005 and bf16_dft < 0.015
 
 
@@ -206,20 +207,32 @@ def test_build_model_takes_the_dft_setting_from_the_config():
     assert cn.build_model(cfg).dft_conv is False
 
 def test_compiled_capsule_layer_equals_eager(digit_batch):
-    """use_compile(): v, c and the recorded routing-logit changes equal the eager ones."""
-    x, _ = digit_batch
-    eager, compiled = small_model(w_init_std=1.0), small_model(w_init_std=1.0)
+    """use_compile(): v, c, the recorded routing-logit changes and every parameter's gradient equal
+    the eager ones; the compiled code ran (dynamo made a graph, nothing fell back to eager)."""
+    from torch._dynamo.utils import counters
+
+    x, labels = digit_batch
+    eager, compiled = small_model(w_init_std=1.0).train(), small_model(w_init_std=1.0).train()
     compiled.use_compile()
-    for model in (eager, compiled):
+    counters.clear()
+    outputs = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
         model.record_routing = True
         model.logit_changes = []
-    with torch.no_grad():
-        v0, c0 = eager.capsules(x)
-        v1, c1 = compiled.capsules(x)
+        v, c = model.capsules(x)
+        lengths = v.norm(dim=-1)
+        (lengths[torch.arange(len(labels)), labels].sum() + c.square().sum()).backward()
+        outputs[name] = (v.detach(), c.detach(), model.logit_changes[0],
+                         {k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    assert not compiled.compiled.failed and counters["stats"]["unique_graphs"] >= 1
+    (v0, c0, changes0, grads0), (v1, c1, changes1, grads1) = outputs["eager"], outputs["compiled"]
     torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
-    assert len(compiled.logit_changes) == 1 and compiled.logit_changes[0].shape == (3,)
-    torch.testing.assert_close(compiled.logit_changes[0], eager.logit_changes[0], rtol=1e-5, atol=1e-7)
+    assert changes1.shape == (3,)
+    torch.testing.assert_close(changes1, changes0, rtol=1e-5, atol=1e-7)
+    assert grads1.keys() == grads0.keys() and "W" in grads0 and "conv1.weight" in grads0
+    for k in grads0:
+        torch.testing.assert_close(grads1[k], grads0[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 MALLOC_PROBE = r"""
@@ -227,6 +240,7 @@ import resource, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 import capsule_network as cn
+from capsnet import runtime
 
 def faults_per_big_tensor():
     # allocate, touch and free a 64 MB tensor: glibc's default gives it back to the OS each time
@@ -240,7 +254,7 @@ imported = faults_per_big_tensor()
 model = cn.CapsuleNet(16, 4, decoder_hidden=(32, 64), cpu_malloc_tuning=sys.argv[2] == "on")
 with torch.no_grad():
     model(torch.rand(2, 1, 28, 28))
-print(imported, faults_per_big_tensor(), cn._malloc_tuned)
+print(imported, faults_per_big_tensor(), runtime._malloc_tuned)
 """
 
 

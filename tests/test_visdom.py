@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from conftest import N_TEST, SCRIPT, cn, describe, read_rows, run_script, train_args
+from conftest import N_TEST, SCRIPT, describe, read_rows, run_main, train_args
+from capsnet import visdom_plots  # noqa: E402
 
 ENV = "testenv"
 pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
@@ -84,7 +85,7 @@ def logged_run(visdom_server, tiny_mnist, tmp_path_factory):
     point in the live windows every 2 of the 10 batches of an epoch."""
     run_dir = str(tmp_path_factory.mktemp("visdom_run") / "run")
     args = [a for a in train_args(tiny_mnist["root"], run_dir, epochs=2) if a != "--no-visdom"]
-    done = run_script(args + ["--visdom-server", "127.0.0.1", "--visdom-port", visdom_server,
+    done = run_main(args + ["--visdom-server", "127.0.0.1", "--visdom-port", visdom_server,
                               "--visdom-env", ENV, "--progress-every", 2])
     assert done.returncode == 0, describe(done)
     return {"dir": run_dir, "process": done, "port": visdom_server}
@@ -247,7 +248,7 @@ def test_a_multimnist_run_sends_fig5_and_the_at_least_one_digit_score(visdom_ser
     run_dir = str(tmp_path / "run")
     args = [a for a in train_args(tiny_mnist["root"], run_dir, "--dataset", "multimnist", epochs=1)
             if a != "--no-visdom"]
-    done = run_script(args + ["--visdom-server", "127.0.0.1", "--visdom-port", visdom_server,
+    done = run_main(args + ["--visdom-server", "127.0.0.1", "--visdom-port", visdom_server,
                               "--visdom-env", "testpairs"])
     assert done.returncode == 0, describe(done)
     assert visdom_warnings(done.stderr) == [] and "Traceback" not in done.stderr
@@ -255,7 +256,7 @@ def test_a_multimnist_run_sends_fig5_and_the_at_least_one_digit_score(visdom_ser
     series = traces(window(visdom_server, "accuracy", "testpairs"))
     assert series["test, at least one digit"]["y"] == pytest.approx([row["test_accuracy_any"]])
     assert series["test"]["y"] == pytest.approx([row["test_accuracy"]])
-    win = window(visdom_server, cn.FIG5_TITLE, "testpairs")
+    win = window(visdom_server, visdom_plots.FIG5_TITLE, "testpairs")
     assert png_of(win).size == (16 * (36 + 2) + 2, 3 * (36 + 2) + 2)
     assert json.dumps(win).count("L:(") == 16
 
@@ -267,7 +268,7 @@ def test_no_server_one_warning_and_training_goes_on(tiny_mnist, tmp_path):
     assert not accepts(port)
     run_dir = str(tmp_path / "run")
     args = [a for a in train_args(tiny_mnist["root"], run_dir, epochs=1) if a != "--no-visdom"]
-    done = run_script(args + ["--visdom-server", "127.0.0.1", "--visdom-port", port])
+    done = run_main(args + ["--visdom-server", "127.0.0.1", "--visdom-port", port])
     assert done.returncode == 0, describe(done)
     assert "Traceback" not in done.stderr
     warnings = visdom_warnings(done.stderr)

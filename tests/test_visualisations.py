@@ -1,12 +1,14 @@
 """Capsule visualisations (Fig. 4 perturbations, class masks, couplings), --visualize PNGs and
 --export-weights."""
 
+import importlib.util
 import os
 
 import pytest
 import torch
 
-from conftest import N_TEST, SMALL_ARCH, cn, copy_run, describe, load_pt, run_script, small_model
+from conftest import N_TEST, cn, copy_run, describe, load_pt, read_rows, run_main, run_script, small_model
+from capsnet import figures  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,7 @@ def test_perturbation_grid_shape_and_middle_step(model, digit_batch):
     """perturbation_grid -> (N, 16, 11, 1, 28, 28); step 5 (delta 0) is the plain reconstruction
     from the winning capsule."""
     x, _ = digit_batch
-    grid = cn.perturbation_grid(model, x)
+    grid = figures.perturbation_grid(model, x)
     assert grid.shape == (8, 16, 11, 1, 28, 28)
     with torch.no_grad():
         v, _ = model.capsules(x)
@@ -31,7 +33,7 @@ def test_perturbation_grid_shape_and_middle_step(model, digit_batch):
 def test_perturbation_grid_moves_one_dimension_of_the_winner(model, digit_batch, dim, step):
     """Entry (d, k) decodes the winning capsule with dimension d moved by -0.25 + 0.05 k."""
     x, _ = digit_batch
-    grid = cn.perturbation_grid(model, x)
+    grid = figures.perturbation_grid(model, x)
     with torch.no_grad():
         v, _ = model.capsules(x)
         winner = v.norm(dim=-1).argmax(1)
@@ -45,7 +47,7 @@ def test_perturbation_grid_moves_one_dimension_of_the_winner(model, digit_batch,
 def test_class_mask_grid(model, digit_batch):
     """class_mask_grid -> (N, 10, 1, 28, 28); column k is the reconstruction from capsule k."""
     x, _ = digit_batch
-    grid = cn.class_mask_grid(model, x)
+    grid = figures.class_mask_grid(model, x)
     assert grid.shape == (8, 10, 1, 28, 28)
     with torch.no_grad():
         v, _ = model.capsules(x)
@@ -57,7 +59,7 @@ def test_coupling_maps_full_size(full_model, digit_batch):
     """coupling_maps -> (10, 32, 6, 6) for the paper's model; sums to 1 over the classes; entry
     (j, t, r, c) is the coupling of primary capsule t*36 + r*6 + c to class j."""
     x, _ = digit_batch
-    maps = cn.coupling_maps(full_model, x[:1])
+    maps = figures.coupling_maps(full_model, x[:1])
     assert maps.shape == (10, 32, 6, 6)
     torch.testing.assert_close(maps.sum(0), torch.ones(32, 6, 6))
     with torch.no_grad():
@@ -68,7 +70,7 @@ def test_coupling_maps_full_size(full_model, digit_batch):
 
 def test_coupling_maps_small_architecture(model, digit_batch):
     """coupling_maps follows the model's number of capsule types."""
-    maps = cn.coupling_maps(model, digit_batch[0][:1])
+    maps = figures.coupling_maps(model, digit_batch[0][:1])
     assert maps.shape == (10, 4, 6, 6)
     torch.testing.assert_close(maps.sum(0), torch.ones(4, 6, 6))
 
@@ -77,7 +79,7 @@ def test_one_per_class_picks_the_first_image_of_each_class():
     """one_per_class returns the first image of every class present, in class order."""
     labels = torch.tensor([3, 1, 3, 0, 1])
     images = torch.arange(5).view(5, 1, 1).expand(5, 28, 28)
-    picked, picked_labels = cn.one_per_class(images, labels, 10)
+    picked, picked_labels = figures.one_per_class(images, labels, 10)
     assert picked_labels.tolist() == [0, 1, 3]
     assert picked[:, 0, 0].tolist() == [3, 1, 0]
 
@@ -113,8 +115,8 @@ def test_visualize_writes_the_figures(trained_run, tmp_path):
 def test_visualize_without_matplotlib_writes_the_rest_and_warns_once(trained_run, tmp_path, monkeypatch, capsys):
     """Without matplotlib the capsule figures are still written; one warning names what is missing."""
     run = copy_run(trained_run["dir"], tmp_path / "vis")
-    real_find_spec = cn.importlib.util.find_spec
-    monkeypatch.setattr(cn.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
     assert cn.main(["--visualize", "--resume", os.path.join(run, "last.pt")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -139,12 +141,16 @@ def test_export_weights_fp16_and_evaluate_them(trained_run, tmp_path):
         torch.testing.assert_close(tensor, ckpt["model"][name].half(), rtol=0, atol=0)
 
     eval_dir = tmp_path / "eval"
-    done = run_script(["--eval-only", "--resume", out, "--data-dir", trained_run["data"]["root"],
-                       "--run-dir", eval_dir, "--no-visdom"])
+    done = run_main(["--eval-only", "--resume", out, "--data-dir", trained_run["data"]["root"],
+                       "--run-dir", eval_dir, "--no-visdom", "--device", "cpu"])
     assert done.returncode == 0, describe(done)
     import json
 
     with open(eval_dir / "eval.json", encoding="utf-8") as f:
         result = json.load(f)
-    assert 0 <= result["test_accuracy"] <= 100 and result["test_loss"] > 0
-    assert result["test_images"] == N_TEST and result["checkpoint_epoch"] == exported["epoch"]
+    # fp16 weights evaluate as the run's own test pass of that epoch did: within one image of 100
+    # and the loss to fp16 rounding
+    row = read_rows(trained_run["dir"])[-1]
+    assert result["test_images"] == N_TEST and result["checkpoint_epoch"] == exported["epoch"] == row["epoch"]
+    assert abs(result["test_accuracy"] - row["test_accuracy"]) <= 1.0, (result, row)
+    assert result["test_loss"] == pytest.approx(row["test_loss"], rel=2e-2), (result, row)

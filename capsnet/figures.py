@@ -1,0 +1,218 @@
+"""Figures from a trained model: Fig. 4 (perturbed capsule dimensions), reconstructions under
+every class mask, routing couplings, Fig. 5 (MultiMNIST), and the PNG charts of a run's metrics."""
+
+import torch
+import torch.nn.functional as F
+
+from capsnet.data import to_float_images
+from capsnet.meters import matched_predictions
+from capsnet.runtime import autocast
+
+
+@torch.no_grad()
+def perturbation_grid(model, images, steps=11, span=0.25):
+    """Fig. 4: for each image, every dimension of its winning digit capsule set to v_d + delta,
+    delta in [-span, span] (11 steps of 0.05), decoded. images (N, 1, 28, 28) -> (N, E, steps, 1, 28, 28)."""
+    v, _ = model.capsules(images)  # (N, J, E)
+    N, J, E = v.shape
+    winner = (v * v).sum(-1).argmax(1)  # (N,)
+    deltas = torch.linspace(-span, span, steps, device=v.device)  # (S,)
+    vv = v[:, None, None].expand(N, E, steps, J, E).clone()  # (N, E, S, J, E)
+    dims = torch.arange(E, device=v.device)
+    vv[torch.arange(N)[:, None, None], dims[None, :, None], torch.arange(steps)[None, None, :],
+       winner[:, None, None], dims[None, :, None]] += deltas  # add delta to dim d of the winner
+    classes = winner[:, None, None].expand(N, E, steps).reshape(-1)
+    out = model.decode(vv.reshape(-1, J, E), classes)  # (N*E*S, 1, 28, 28)
+    return out.reshape(N, E, steps, *out.shape[1:])
+
+
+@torch.no_grad()
+def class_mask_grid(model, images):
+    """Reconstruction of every image from the capsule of every class: (N, 1, 28, 28) -> (N, J, 1, 28, 28)."""
+    v, _ = model.capsules(images)  # (N, J, E)
+    N, J, _ = v.shape
+    classes = torch.arange(J, device=v.device).repeat(N)  # (N*J,)
+    out = model.decode(v.repeat_interleave(J, dim=0), classes)
+    return out.reshape(N, J, *out.shape[1:])
+
+
+@torch.no_grad()
+def coupling_maps(model, image):
+    """Couplings c_ij of one image, (1, 1, 28, 28) -> (J, T=32, 6, 6); they sum to 1 over J."""
+    _, c = model.capsules(image)  # (1, I, J), I ordered (type, row, col)
+    J = c.shape[2]
+    return c[0].t().reshape(J, model.primary_caps, model.grid, model.grid)
+
+
+def one_per_class(images, labels, num_classes):
+    """The first image of every class present (in class order): (K, 28, 28) uint8, (K,)."""
+    picks = [int((labels == k).nonzero()[0]) for k in range(num_classes) if (labels == k).any()]
+    picks = torch.tensor(picks, dtype=torch.long, device=labels.device)
+    return images[picks], labels[picks]
+
+
+def for_display(images):
+    """Images (..., C, H, W) as make_grid shows them: one or three channels (of a stereo pair, the
+    first camera's image)."""
+    return images[..., :1, :, :] if images.shape[-3] == 2 else images
+
+
+def visual_figures(model, images_u8, labels, num_classes, crop=0, most=10):
+    """All capsule figures as CHW float images in [0, 1] (CPU), for PNG files and Visdom: for the
+    first test image of each of the first `most` classes (test images centre-cropped by `crop`)."""
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    model.eval()
+    digits, _ = one_per_class(images_u8, labels, num_classes)
+    x = to_float_images(digits[:most], crop)
+    pert = for_display(perturbation_grid(model, x))  # (K, E, S, C, H, W)
+    per_digit = [make_grid(p.flatten(0, 1).float().cpu(), nrow=p.shape[1], padding=1, pad_value=0.5)
+                 for p in pert]
+    masks = for_display(class_mask_grid(model, x))  # (K, J, C, H, W)
+    maps = coupling_maps(model, x[:1]).float().cpu()  # (J, T, 6, 6)
+    scaled = (maps - maps.min()) / (maps.max() - maps.min()).clamp_min(1e-12)  # smallest black, largest white
+    panels = [make_grid(F.interpolate(m.unsqueeze(1), scale_factor=4, mode="nearest"), nrow=8, padding=1,
+                        pad_value=0.3) for m in scaled]
+    model.train(was_training)
+    return {
+        "fig4_per_digit": per_digit,
+        "fig4": make_grid(torch.stack(per_digit), nrow=5, padding=6, pad_value=1.0),
+        "class_masks": make_grid(torch.cat([for_display(x).cpu().unsqueeze(1), masks.float().cpu()], 1).flatten(0, 1),
+                                 nrow=masks.shape[1] + 1, padding=2, pad_value=0.5),
+        "couplings": make_grid(torch.stack(panels), nrow=5, padding=6, pad_value=1.0),
+        "coupling_maps": maps,
+    }
+
+
+@torch.no_grad()
+def fig5_tiles(model, composites_u8, pair_labels):
+    """Fig. 5 (sec. 6) for two-digit images: composites uint8 (N, H, W), labels (N, 2) -> dict of
+    'inputs', 'recon' and 'forced' (N, 3, H, W) RGB in [0, 1] (CPU), 'labels' and 'predicted' (N, 2),
+    'absent' (N,) and 'grid' (all tiles, one column per image). recon overlays the decoder's output
+    from the two longest capsules, matched to the labels: red for the first label's digit, green
+    for the second's. forced is the paper's "*" column: red from the first label's capsule, green
+    from the longest capsule of a class that is neither a label nor predicted."""
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    model.eval()
+    images = to_float_images(composites_u8)
+    v, _ = model.capsules(images)  # (N, J, E)
+    lengths = (v * v).sum(-1)
+    predicted, _ = matched_predictions(lengths, pair_labels)
+    taken = F.one_hot(torch.cat([pair_labels, predicted], 1), v.shape[1]).sum(1) > 0  # (N, J)
+    absent = lengths.masked_fill(taken, -1.0).argmax(1)  # (N,)
+
+    def overlay(red, green):
+        rg = torch.cat([model.decode(v, red), model.decode(v, green)], 1).float()  # (N, 2, H, W)
+        return torch.cat([rg, torch.zeros_like(rg[:, :1])], 1).cpu()  # (N, 3, H, W)
+
+    tiles = {"inputs": images.repeat(1, 3, 1, 1).cpu(), "recon": overlay(predicted[:, 0], predicted[:, 1]),
+             "forced": overlay(pair_labels[:, 0], absent)}
+    model.train(was_training)
+    grid = make_grid(torch.cat([tiles["inputs"], tiles["recon"], tiles["forced"]]), nrow=len(images), padding=2,
+                     pad_value=0.5)
+    return dict(tiles, grid=grid, labels=pair_labels.cpu(), predicted=predicted.cpu(), absent=absent.cpu())
+
+
+def fig5_caption(tiles):
+    """The paper's L:(labels) R:(reconstructed) pairs of fig5_tiles(), column by column."""
+    return "  ".join(f"L:({a},{b}) R:({c},{d})" for (a, b), (c, d) in
+                     zip(tiles["labels"].tolist(), tiles["predicted"].tolist()))
+
+
+def plot_fig5_png(tiles, path):
+    """fig5_tiles() as a labelled picture (matplotlib): per image, L:(labels) above the input,
+    R:(predicted) above the red/green reconstruction, R:(label, *absent) above the forced one."""
+    from matplotlib.figure import Figure
+
+    n = len(tiles["labels"])
+    fig = Figure(figsize=(1.1 * n + 0.4, 4.0), dpi=120, layout="constrained")
+    axes = fig.subplots(3, n, squeeze=False)
+    for k in range(n):
+        (a, b), (c, d) = tiles["labels"][k].tolist(), tiles["predicted"][k].tolist()
+        titles = (f"L:({a},{b})", f"R:({c},{d})", f"R:({a},*{int(tiles['absent'][k])})")
+        for row, (name, title) in enumerate(zip(("inputs", "recon", "forced"), titles)):
+            ax = axes[row, k]
+            ax.imshow(tiles[name][k].permute(1, 2, 0).numpy(), interpolation="nearest")
+            wrong = row == 1 and (c, d) != (a, b)
+            ax.set_title(title, fontsize=8, color="tab:red" if wrong else "black")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("Fig. 5: input (top); reconstructions from the two longest capsules, red = first label's digit, "
+                 "green = second's (middle); * = from a class not in the image (bottom)", fontsize=8)
+    fig.savefig(path)
+
+
+def plot_curves_png(rows, path):
+    """Test accuracy (top) and train/test loss (bottom, log scale) per epoch from metrics.jsonl rows,
+    drawn with matplotlib (no display needed)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    epochs = [r["epoch"] for r in rows]
+    fig = Figure(figsize=(8, 6), dpi=120, layout="constrained")
+    accuracy, loss = fig.subplots(2, 1, sharex=True)
+    accuracy.plot(epochs, [r["test_accuracy"] for r in rows], "o-", ms=3, color="tab:red", label="test")
+    accuracy.set_ylabel("test accuracy (%)")
+    accuracy.set_title(f"final epoch {epochs[-1]}: {rows[-1]['test_accuracy']:.2f}% test accuracy, "
+                       f"test loss {rows[-1]['test_loss']:.4f}")
+    for key, color in (("train_loss", "tab:blue"), ("test_loss", "tab:red")):
+        loss.plot(epochs, [r[key] for r in rows], "o-", ms=3, color=color, label=key.split("_")[0])
+    loss.set_yscale("log")
+    loss.yaxis.set_major_locator(LogLocator(subs=(1, 2, 3, 5)))  # round values: 0.01, 0.02, 0.03, 0.05, 0.1
+    loss.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    loss.yaxis.set_minor_formatter(NullFormatter())
+    loss.set_ylabel("loss (margin + 0.0005 x SSE)")
+    loss.set_xlabel("epoch")
+    loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (accuracy, loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path)
+
+
+def plot_routing_png(rows, path):
+    """Appendix A: mean |change of b_ij| per routing iteration, per epoch (matplotlib)."""
+    rows = [r for r in rows if r.get("routing_logit_change")]
+    if not rows:
+        return False
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 4), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    epochs = [r["epoch"] for r in rows]
+    for it in range(len(rows[0]["routing_logit_change"])):
+        ax.plot(epochs, [r["routing_logit_change"][it] for r in rows], "o-", ms=3, label=f"iteration {it + 1}")
+    ax.set_title("mean |change of the routing logits b_ij| per iteration (Appendix A)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean |change of b_ij|")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    return True
+
+
+def epoch_views(model, data, cfg, device, dtype):
+    """What Visdom shows of the model after an epoch -> (grid, figures, caption): the first
+    RECON_IMAGES test images above their reconstructions and, if VISUALIZE_EVERY_EPOCH, the capsule
+    figures (visual_figures); for two-digit images, Fig. 5 and its caption instead."""
+    from torchvision.utils import make_grid
+
+    n = min(cfg["RECON_IMAGES"], data.test.rows)
+    if data.objects != 1:
+        tiles = fig5_tiles(model, *data.test.first_rows(n)[:2])
+        return tiles["grid"], None, fig5_caption(tiles)
+    test_images, test_labels = data.test.first_rows(data.test.rows)
+    with torch.no_grad(), autocast(device, dtype):
+        images = to_float_images(test_images[:n], cfg["CROP_SIZE"])
+        _, recon = model(images)
+    grid = make_grid(for_display(torch.cat([images, recon.float()])).cpu(), nrow=n, padding=2, pad_value=0.5)
+    figures = None
+    if cfg["VISUALIZE_EVERY_EPOCH"]:
+        figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"], cfg["CROP_SIZE"])
+    return grid, figures, None

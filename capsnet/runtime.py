@@ -1,0 +1,406 @@
+"""The process around capsule_network.py's training: one-line usage errors, devices and bf16,
+the RNG state, Ctrl-C, atomic checkpoints, the metrics file, run directories, and torchrun's
+process group (one process per GPU, or per CPU share)."""
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import signal
+import threading
+
+import torch
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class UsageError(Exception):
+    """A bad constant, flag or input: reported as one line, exit code 2."""
+
+
+def truncate_metrics(run_dir, last_epoch):
+    """Rewrite metrics.jsonl with the rows up to the checkpoint's epoch: drops rows of an epoch
+    whose checkpoint was never written and a last line cut short by a crash."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("epoch", math.inf) <= last_epoch]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+
+
+def resume_into(run_dir, ckpt_path, epoch):
+    """Make `run_dir` ready to continue the checkpoint at `ckpt_path` (epoch `epoch`) without
+    destroying history. Its own run's last.pt: the metrics rows past its epoch (of an epoch whose
+    checkpoint was never written) are dropped. Another checkpoint of the same run directory that
+    is older than its last.pt (best.pt, say) is refused: continuing there would overwrite the later
+    epochs. Into a new run directory (--run-dir): it starts with the checkpoint's run's metrics rows
+    up to that epoch."""
+    run_dir, ckpt_path = os.path.abspath(run_dir), os.path.abspath(ckpt_path)
+    source = os.path.dirname(ckpt_path)
+    last = os.path.join(run_dir, "last.pt")
+    if ckpt_path == last:
+        truncate_metrics(run_dir, epoch)
+        return
+    later = [r["epoch"] for r in read_metrics(run_dir) if r.get("epoch", 0) > epoch]
+    if os.path.exists(last):
+        later.append(torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0))
+    if max(later, default=0) > epoch:
+        raise UsageError(f"--resume {ckpt_path} (epoch {epoch}): {run_dir} holds the same run up to epoch "
+                         f"{max(later)}, which continuing there would overwrite; continue in a new directory "
+                         f"with --run-dir NEW_DIR")
+    if source != run_dir:
+        if any(os.path.exists(os.path.join(run_dir, f)) for f in ("metrics.jsonl", "best.pt")):
+            raise UsageError(f"--run-dir {run_dir} holds another run: choose an empty directory to continue "
+                             f"{ckpt_path} in (or --resume {last})")
+        rows = [r for r in read_metrics(source) if r.get("epoch", math.inf) <= epoch]
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def fresh_run_dir(run_dir):
+    """run_dir, or run_dir-2, -3, ... if it already holds a run: a new run never overwrites or
+    mixes with an earlier one (continue that one with --resume)."""
+    def holds_run(d):
+        return any(os.path.exists(os.path.join(d, f)) for f in ("metrics.jsonl", "last.pt", "best.pt"))
+
+    candidate, k = run_dir, 1
+    while holds_run(candidate):
+        k += 1
+        candidate = f"{run_dir.rstrip(os.sep)}-{k}"
+    if candidate != run_dir:
+        print(f"{run_dir} holds an earlier run (continue it with --resume {os.path.join(run_dir, 'last.pt')}); "
+              f"this run writes to {candidate}")
+    return candidate
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash or a full disk
+                continue
+    return rows
+
+
+class Preempted(Exception):
+    """SIGTERM, SIGUSR1 or Ctrl-C stopped training at a batch boundary, after a checkpoint of the
+    position was written; `signum` gives the exit code, 128 + signum."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT)
+                     if s is not None)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While training: SIGTERM (a scheduler's preemption, torchrun's teardown), SIGUSR1 (SLURM's
+    warning before it) and Ctrl-C only note that the run should stop (the list yielded gets the
+    signal); the trainer stops at the next batch boundary with a checkpoint. A second Ctrl-C
+    stops at once (KeyboardInterrupt). Off the main thread: nothing is installed."""
+    caught = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def note(signum, frame):
+        if signum == signal.SIGINT and caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in STOP_SIGNALS}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def is_out_of_memory(error):
+    """Whether `error`, or an error it was raised from (torch.compile wraps them), is the CPU's or a
+    GPU's allocator running out of memory."""
+    while error is not None:
+        if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or \
+                "out of memory" in str(error).lower() or "can't allocate memory" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def how_it_ended(error, where, training):
+    """(exit code, the one line for stderr) of an error that ended capsule_network.py, or (None, None)
+    for an unexpected one (its traceback then shows): 2 a usage error (a bad flag, file or value),
+    3 out of memory (CPU or GPU, eager or compiled), 4 a diverged run (NonFiniteLoss), 128 + the
+    signal for a stop signal, 130 Ctrl-C outside training. `where`: the run directory and batch
+    sizes, as far as known."""
+    name = "capsule_network.py: error:"
+    if isinstance(error, UsageError):
+        return 2, f"{name} {error}"
+    if isinstance(error, NonFiniteLoss):
+        return 4, f"{name} {error}"
+    if isinstance(error, Preempted):
+        return 128 + error.signum, f"\n{error}"
+    if isinstance(error, KeyboardInterrupt):  # outside training, or a second Ctrl-C: at once
+        last = os.path.join(where.get("run_dir", ""), "last.pt")
+        return 130, (f"\ninterrupted: continue with --resume {last}" if "run_dir" in where and os.path.exists(last)
+                     else "\ninterrupted" + (": no checkpoint was written" if training else ""))
+    if is_out_of_memory(error):
+        return 3, (f"{name} out of memory ({type(error).__name__}) at --batch-size {where.get('batch', '?')}, "
+                   f"--eval-batch-size {where.get('eval_batch', '?')}: lower them; the checkpoints written so "
+                   f"far are intact")
+    return None, None
+
+
+class NonFiniteLoss(Exception):
+    """The training loss or the weights became NaN or infinite: the run stops (exit code 4)."""
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A training checkpoint (dict with 'model', 'optimizer', ...) or weights alone (a state dict,
+    possibly fp16). Raises UsageError with one line if the file is unusable."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: no checkpoint file at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__})") from None
+    if isinstance(ckpt, dict) and "model" in ckpt:
+        return dict(ckpt, path=path)
+    if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
+        return {"model": ckpt, "path": path}
+    raise UsageError(f"--resume: {path} holds neither a checkpoint nor a model state dict")
+
+
+def load_weights(model, state):
+    """Load a state dict into `model`; weights that do not fit, or are not finite (a diverged
+    run's), are one UsageError line."""
+    for name, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UsageError(f"--resume: the checkpoint's weights are not finite (NaN or inf in {name}): it "
+                             f"comes from a diverged run; resume an earlier checkpoint or train again with a "
+                             f"lower --lr")
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"--resume: the weights do not fit this model's constants: {first}") from None
+
+
+def part_of(n, rank, world):
+    """Part `rank` of `world` contiguous parts of n rows, their sizes differing by at most one."""
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+class Distributed:
+    """The process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, ...); a plain `python capsule_network.py` is a world of one, and nothing here
+    then does anything. Every process draws the same random numbers (the same seed, the same
+    draws for the global batch), so each one can take its share of any batch by itself."""
+
+    def __init__(self, environ=os.environ):
+        self.world = int(environ.get("WORLD_SIZE", "1"))
+        self.rank = int(environ.get("RANK", "0"))
+        self.local_rank = int(environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        self.started = False
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def any(self, flag, device):
+        """True on every process if `flag` is true on any (one collective; without torchrun, flag)."""
+        if not self.enabled:
+            return bool(flag)
+        import torch.distributed as tdist
+
+        box = torch.tensor([int(bool(flag))], device=device)
+        tdist.all_reduce(box, op=tdist.ReduceOp.MAX)
+        return bool(box.item())
+
+    def start(self, device):
+        """Join the group: NCCL on CUDA, gloo on the CPU."""
+        if self.enabled and not self.started:
+            import torch.distributed as tdist
+
+            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.started = True
+
+    def stop(self):
+        if self.started:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+            self.started = False
+
+    def device(self, device):
+        """cuda -> cuda:LOCAL_RANK (and made current); other devices as they are."""
+        if self.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        return device
+
+    def own_rows(self, n):
+        """This process's rows of a batch of n."""
+        return part_of(n, self.rank, self.world)
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every process."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as tdist
+
+        every = [None] * self.world
+        tdist.all_gather_object(every, obj)
+        return every
+
+    def from_main(self, obj):
+        """Rank 0's obj, on every process."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as tdist
+
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[name]:
+        raise UsageError(f"--device {name} was asked for, but this machine has no {name.upper()} device")
+    return torch.device(name)
+
+
+def amp_dtype(device, enabled):
+    """bf16 for autocast where the hardware runs it natively, else None (fp32)."""
+    return amp_choice(device, enabled)[0]
+
+
+def amp_choice(device, enabled):
+    """(torch.bfloat16 or None, why) for autocast on `device`: bf16 only where it is native, so
+    that it is faster and not an emulation: CUDA compute capability 8.0 or newer (Ampere on; older
+    GPUs report bf16 support but run it in slow kernels), a CPU with avx512_bf16 or AMX."""
+    if not enabled:
+        return None, "fp32, --no-amp"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 0):
+            return torch.bfloat16, f"bf16 autocast, native at compute capability {major}.{minor}"
+        return None, f"fp32: compute capability {major}.{minor} has no native bf16 (8.0 and newer do)"
+    if device.type == "cpu":
+        # torch >= 2.5 says whether the CPU has avx512_bf16 or AMX; older releases cannot tell,
+        # and train in fp32 (results/README.md measured them so)
+        cpu = getattr(torch, "cpu", None)
+        native = [getattr(cpu, n, lambda: False)() for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if any(native):
+            return torch.bfloat16, "bf16 autocast, native on this CPU (avx512_bf16 or AMX)"
+        return None, "fp32: this CPU has no native bf16 (avx512_bf16 or AMX)"
+    return None, f"fp32 on {device.type}"
+
+
+def autocast(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)  # seeds CPU, CUDA and MPS generators
+
+
+def rng_state(device):
+    """The generators this process draws from: the CPU's and, on a GPU, its own device's. Under
+    torchrun every rank draws the same numbers (the same seed, the same draws for the global
+    batch), so the state rank 0 saves is every rank's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    """Restore rng_state(device)'s generators on `device`, whatever device saved them: a checkpoint
+    from a GPU resumes on the CPU (its CPU state alone), on another GPU or on fewer GPUs. Older
+    checkpoints hold a list of every visible GPU's state: the first one is the state the training
+    process (or rank 0) drew from, and so every rank's."""
+    torch.set_rng_state(state["cpu"])
+    saved = state.get(device.type)
+    if saved is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved[0] if isinstance(saved, (list, tuple)) else saved, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(saved)
+
+
+_malloc_tuned = None  # result of the first tune_cpu_malloc() call of this process
+
+
+def tune_cpu_malloc():
+    """Keep glibc from unmapping big activations after every step (they are page-faulted back on
+    the next one; measured in results/README.md): big blocks come from the heap, and up to 1 GiB of
+    freed memory stays with the process. Process-wide and done once; CapsuleNet calls it at its
+    first CPU forward unless built with cpu_malloc_tuning=False. True when the settings took effect."""
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_max = -1, -4
+            _malloc_tuned = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+        except (OSError, AttributeError):
+            _malloc_tuned = False
+    return _malloc_tuned
+
+
+def setup_process(cfg, dist=None):
+    """Device, seeded RNG and allocator settings shared by every mode -> (device, malloc tuned?).
+    Under torchrun (`dist`) the device is this process's GPU (LOCAL_RANK)."""
+    device = resolve_device(cfg["DEVICE"])
+    if dist is not None:
+        device = dist.device(device)
+    seed_everything(cfg["SEED"])
+    malloc_tuned = device.type == "cpu" and cfg["CPU_MALLOC_TUNING"] and tune_cpu_malloc()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, bool(malloc_tuned)

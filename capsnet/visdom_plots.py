@@ -1,0 +1,140 @@
+"""Live plots in Visdom through torchnet's loggers: checked once at start; without a server,
+one warning line and no plots."""
+
+import contextlib
+import io
+import logging
+import socket
+import sys
+
+
+def visdom_reachable(server, port, timeout=1.0):
+    """True if a Visdom server answers at server:port (checked once, quietly)."""
+    try:
+        with socket.create_connection((server, port), timeout=timeout):
+            pass
+    except OSError:
+        return False
+    import visdom
+
+    logging.getLogger("visdom").setLevel(logging.CRITICAL)  # its client logs every retry
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            client = visdom.Visdom(server=f"http://{server}", port=port, use_incoming_socket=False,
+                                   raise_exceptions=True)
+            return bool(client.check_connection())
+    except Exception:  # something answers on that port, but not Visdom
+        return False
+
+
+FIG5_TITLE = ("Fig. 5: test pairs (top), reconstructions from the two longest capsules, red = first label, "
+              "green = second (middle), red = first label, green = a class not present (bottom)")
+
+
+class VisdomPlots:
+    """Live plots through torchnet's Visdom loggers. Checked once at start; if the server is not
+    there, or stops answering later, one warning line and training goes on without it."""
+
+    def __init__(self, cfg, objects=1):
+        self.enabled = False
+        if not cfg["VISDOM"]:
+            return
+        server, port, env = cfg["VISDOM_SERVER"], cfg["VISDOM_PORT"], cfg["VISDOM_ENV"]
+        if not visdom_reachable(server, port):
+            print(f"warning: no Visdom server answers at {server}:{port}; training without live plots "
+                  f"(start one with: python -m visdom.server -port {port} -bind_local)", file=sys.stderr)
+            return
+        from torchnet.logger import VisdomLogger, VisdomPlotLogger
+
+        def plot(title, ylabel, caption=None, markers=True):
+            return VisdomPlotLogger("line", env=env, port=port, server=server, win=f"{env}_{title}",
+                                    opts=dict(title=caption or title, xlabel="epoch", ylabel=ylabel,
+                                              markers=markers, markersize=6))
+
+        def window(kind, title, **opts):
+            return VisdomLogger(kind, env=env, port=port, server=server, win=f"{env}_{title}",
+                                opts=dict(title=title, **opts))
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.loss = plot("loss", "loss")
+                self.accuracy = plot("accuracy", "accuracy (%)")
+                self.lr = plot("learning rate", "learning rate")
+                self.routing = plot("routing logit change", "mean |change of b_ij|")
+                every = f"mean of every {cfg['PROGRESS_EVERY']} batches"
+                self.live_loss = plot("training loss, live", "loss", f"training loss, live ({every})", False)
+                self.live_accuracy = plot("training accuracy, live", "accuracy (%)",
+                                          f"training accuracy, live ({every})", False)
+                labels = [str(k) for k in range(cfg["NUM_CLASSES"])]
+                self.confusion = window("heatmap", "confusion matrix (test)", columnnames=labels,
+                                        rownames=labels, xlabel="predicted", ylabel="true")
+                if objects == 1:  # else two-digit images: Fig. 5
+                    self.recon = window("image", "test images (top) and reconstructions (bottom)")
+                else:
+                    self.recon = window("image", FIG5_TITLE)
+                self.fig4 = window("image", "Fig. 4: each of the 16 dimensions perturbed by -0.25..0.25")
+                self.masks = window("image", "reconstruction under every class mask (rows: digits, cols: masks)")
+                self.couplings = window("image", "couplings c_ij of one test image (per class: 32 types x 6x6; "
+                                                 "min black, max white)")
+            self.loggers = [self.loss, self.accuracy, self.lr, self.routing, self.live_loss, self.live_accuracy,
+                            self.confusion, self.recon, self.fig4, self.masks, self.couplings]
+            for lg in self.loggers:
+                lg.viz.raise_exceptions = True  # errors reach us instead of being printed per call
+        except Exception as e:
+            self._fail(e)
+            return
+        self.enabled = True
+        self.url = f"http://{server}:{port}/env/{env}"
+        print(f"Visdom: plots at {self.url}")
+
+    def _fail(self, error):
+        self.enabled = False
+        print(f"warning: Visdom stopped answering ({type(error).__name__}); training goes on without live "
+              f"plots", file=sys.stderr)
+
+    def _lines(self, logger, epoch, values):
+        """Append one point per named series; create the window with a legend the first time."""
+        import numpy as np
+
+        if logger.viz.win_exists(win=logger.win, env=logger.env):
+            for name, value in values.items():
+                logger.log(epoch, value, name=name)
+        else:
+            logger.viz.line(X=np.array([[epoch] * len(values)]), Y=np.array([list(values.values())]),
+                            win=logger.win, env=logger.env, opts=dict(logger.opts, legend=list(values)))
+
+    def log_progress(self, epoch, loss, accuracy):
+        """One point per live window at fractional epoch `epoch` (every PROGRESS_EVERY batches)."""
+        if not self.enabled:
+            return
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._lines(self.live_loss, epoch, {"train": loss})
+                self._lines(self.live_accuracy, epoch, {"train": accuracy})
+        except Exception as e:  # a server that went away: warn once, keep training
+            self._fail(e)
+
+    def log_epoch(self, epoch, row, confusion, recon_grid, figures=None, recon_caption=None):
+        if not self.enabled:
+            return
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._lines(self.loss, epoch, {"train": row["train_loss"], "test": row["test_loss"]})
+                accuracy = {"train": row["train_accuracy"], "test": row["test_accuracy"]}
+                if "test_accuracy_any" in row:  # two-digit images: train and test are both digits right
+                    accuracy["test, at least one digit"] = row["test_accuracy_any"]
+                self._lines(self.accuracy, epoch, accuracy)
+                self._lines(self.lr, epoch, {"lr": row["lr"]})
+                if row.get("routing_logit_change"):
+                    self._lines(self.routing, epoch, {f"iteration {k + 1}": value for k, value in
+                                                      enumerate(row["routing_logit_change"])})
+                self.confusion.log(confusion)
+                if recon_caption:
+                    self.recon.opts = dict(self.recon.opts, caption=recon_caption)
+                self.recon.log(recon_grid.numpy())
+                if figures:
+                    self.fig4.log(figures["fig4"].numpy())
+                    self.masks.log(figures["class_masks"].numpy())
+                    self.couplings.log(figures["couplings"].numpy())
+        except Exception as e:  # a server that went away: warn once, keep training
+            self._fail(e)

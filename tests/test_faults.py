@@ -1,0 +1,274 @@
+"""Resuming on other hardware: the RNG state saved per device (a checkpoint from N GPUs resumes on
+fewer, on one, or on the CPU)."""
+
+import torch
+
+from capsnet import runtime  # noqa: E402
+
+
+def test_rng_state_holds_the_cpus_and_this_devices_generator_only():
+    assert set(runtime.rng_state(torch.device("cpu"))) == {"cpu"}
+
+
+def test_a_checkpoint_with_more_gpu_states_than_this_machine_has_resumes(monkeypatch):
+    """An older checkpoint holds every visible GPU's state (here 4): on the CPU the CPU generator
+    alone is restored; on GPU 1 (simulated) that GPU gets the first saved state, the one the
+    training process (rank 0 under torchrun, whose draws every rank shares) drew from."""
+    torch.manual_seed(3)
+    saved_cpu = torch.get_rng_state()
+    expected = torch.rand(3)
+    state = {"cpu": saved_cpu, "cuda": [torch.full((16,), k, dtype=torch.uint8) for k in range(4)]}
+    torch.manual_seed(99)
+    runtime.set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append((s, device)))
+    runtime.set_rng_state(state, torch.device("cuda", 1))
+    assert len(calls) == 1 and torch.equal(calls[0][0], state["cuda"][0]) and calls[0][1] == torch.device("cuda", 1)
+    calls.clear()
+    runtime.set_rng_state(dict(state, cuda=state["cuda"][2]), torch.device("cuda", 0))  # this version's format
+    assert torch.equal(calls[0][0], state["cuda"][2]) and calls[0][1] == torch.device("cuda", 0)
+
+
+# ---- divergence, resume pitfalls ----
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+from conftest import copy_run, describe, load_pt, read_rows, run_main, train_args  # noqa: E402
+
+
+def one_line_error(done, code, *fragments):
+    """Exit `code` and one line on stderr besides the progress bar it cleared (tqdm's \r updates)."""
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "batch/s" not in line]
+    assert done.returncode == code and len(lines) == 1, describe(done)
+    assert "Traceback" not in done.stderr and all(f in lines[0] for f in fragments), describe(done)
+
+
+def finite(path):
+    return all(torch.isfinite(v).all() for v in load_pt(path)["model"].values() if v.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tiny_mnist, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("one") / "run")
+    done = run_main(train_args(tiny_mnist["root"], run, "--no-amp", epochs=1))
+    assert done.returncode == 0, describe(done)
+    return {"dir": run, "data": tiny_mnist["root"]}
+
+
+def test_a_learning_rate_that_diverges_stops_the_run_with_exit_4(tiny_mnist, tmp_path):
+    """--lr 1e20: the loss becomes NaN in epoch 1; one line names the epoch and the batch; no
+    checkpoint is written."""
+    run = str(tmp_path / "run")
+    done = run_main(train_args(tiny_mnist["root"], run, "--lr", "1e20", epochs=2))
+    one_line_error(done, 4, "the training loss became NaN or infinite at epoch 1, batch", "no checkpoint was written")
+    assert not os.path.exists(os.path.join(run, "last.pt")) and not os.path.exists(os.path.join(run, "best.pt"))
+
+
+def test_divergence_after_a_finite_epoch_keeps_its_checkpoint(one_epoch, tmp_path):
+    """Resumed with --lr 1e20, epoch 2 diverges: exit 4, last.pt and best.pt still epoch 1 and finite,
+    metrics.jsonl still one row."""
+    run = copy_run(one_epoch["dir"], tmp_path / "run")
+    last = os.path.join(run, "last.pt")
+    done = run_main(["--resume", last, "--lr", "1e20", "--epochs", 2])
+    one_line_error(done, 4, "at epoch 2, batch", f"{last} keeps epoch 1")
+    assert load_pt(last)["epoch"] == 1 and finite(last) and finite(os.path.join(run, "best.pt"))
+    assert [r["epoch"] for r in read_rows(run)] == [1]
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(one_epoch, tmp_path):
+    run = copy_run(one_epoch["dir"], tmp_path / "run")
+    last = os.path.join(run, "last.pt")
+    ckpt = load_pt(last)
+    ckpt["model"]["W"][0, 0, 0, 0] = float("nan")
+    torch.save(ckpt, last)
+    for argv in (["--resume", last, "--epochs", 2], ["--eval-only", "--resume", last]):
+        one_line_error(run_main(argv), 2, "the checkpoint's weights are not finite (NaN or inf in W)")
+    assert [r["epoch"] for r in read_rows(run)] == [1]
+
+
+def test_lr_on_resume_restarts_the_schedule_from_it(one_epoch, tmp_path):
+    """--lr on resume is applied (and said): epoch 2 trains at the new rate x LR_DECAY, as if the run
+    had started with it, and the checkpoint records it."""
+    run = copy_run(one_epoch["dir"], tmp_path / "run")
+    done = run_main(["--resume", os.path.join(run, "last.pt"), "--lr", "0.0005", "--epochs", 2])
+    assert done.returncode == 0, describe(done)
+    assert "--lr 0.0005 (the checkpoint's 0.001): epoch 2 trains at 0.00048, as if the run had started at 0.0005" \
+        in done.stdout
+    rows = read_rows(run)
+    assert rows[1]["lr"] == pytest.approx(0.0005 * 0.96)
+    assert load_pt(os.path.join(run, "last.pt"))["config"]["LR"] == 0.0005
+
+
+def test_resuming_an_older_checkpoint_never_destroys_later_history(one_epoch, tmp_path):
+    """A 2-epoch run whose best.pt is epoch 1: --resume best.pt in its own directory is refused in one
+    line (metrics and last.pt untouched); with --run-dir NEW it continues there, NEW's metrics
+    starting with the run's epoch-1 row."""
+    run = copy_run(one_epoch["dir"], tmp_path / "run")
+    done = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", 2])
+    assert done.returncode == 0, describe(done)
+    best = os.path.join(run, "best.pt")
+    ckpt = load_pt(best)
+    if ckpt["epoch"] != 1:  # make best.pt the older checkpoint whatever the accuracies did
+        torch.save(load_pt(os.path.join(one_epoch["dir"], "last.pt")), best)
+    before = read_rows(run)
+    one_line_error(run_main(["--resume", best, "--epochs", 3]), 2, "holds the same run up to epoch 2",
+                   "--run-dir NEW_DIR")
+    assert read_rows(run) == before and load_pt(os.path.join(run, "last.pt"))["epoch"] == 2
+    new = str(tmp_path / "new")
+    done = run_main(["--resume", best, "--epochs", 2, "--run-dir", new])
+    assert done.returncode == 0, describe(done)
+    rows = read_rows(new)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == before[0]
+    assert read_rows(run) == before
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), None), ((7, 0), None), ((8, 0), torch.bfloat16),
+                                                  ((9, 0), torch.bfloat16)])
+def test_bf16_autocast_only_where_the_gpu_runs_it_natively(monkeypatch, capability, expected):
+    """A T4 (7.5) or V100 (7.0) trains in fp32, and the start-up text says why; A100 (8.0) and H100
+    (9.0) in bf16. Without AMP, fp32 everywhere."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    dtype, why = runtime.amp_choice(torch.device("cuda"), True)
+    assert dtype == expected
+    assert ("no native bf16" in why) == (expected is None) and f"{capability[0]}.{capability[1]}" in why
+    assert runtime.amp_choice(torch.device("cuda"), False) == (None, "fp32, --no-amp")
+
+
+# ---- preemption: SIGTERM, SIGUSR1 and Ctrl-C write the position and stop ----
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import capsule_network as cn  # noqa: E402
+from conftest import SCRIPT  # noqa: E402
+
+EXACT = ["--no-amp"]  # fp32 on every CPU: the resumed run equals the uninterrupted one to the last digit
+
+
+def same_run(run_a, run_b):
+    """The same metrics (all but the times) and the same weights, Adam state and RNG, exactly."""
+    timeless = [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in read_rows(run_a)]
+    assert timeless == [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k}
+                        for r in read_rows(run_b)]
+    a, b = load_pt(os.path.join(run_a, "last.pt")), load_pt(os.path.join(run_b, "last.pt"))
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert torch.equal(a["rng_state"]["cpu"], b["rng_state"]["cpu"]) and a["epoch"] == b["epoch"]
+    assert "partial" not in a and "partial" not in b
+
+
+@pytest.fixture(scope="module")
+def straight_three(tiny_mnist, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("straight") / "run")
+    done = run_main(train_args(tiny_mnist["root"], run, *EXACT, epochs=3))
+    assert done.returncode == 0, describe(done)
+    return run
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138), (signal.SIGINT, 130)])
+def test_a_stop_signal_mid_epoch_writes_the_position_and_resume_equals_the_uninterrupted_run(
+        tiny_mnist, tmp_path, monkeypatch, straight_three, signum, code):
+    """The signal arrives during batch 4 of epoch 2 (10 batches an epoch): the run finishes that
+    batch, writes last.pt with the position (no temporary file left), says so in one line and exits
+    128 + the signal; --resume then ends exactly where the uninterrupted 3-epoch run ends."""
+    calls, real_call = [0], cn.BatchLoss.__call__
+
+    def call(self, sample):
+        calls[0] += 1
+        if calls[0] == 16:  # epoch 1: calls 1-10, its test pass 11-12; epoch 2: 13 on
+            os.kill(os.getpid(), signum)
+        return real_call(self, sample)
+
+    monkeypatch.setattr(cn.BatchLoss, "__call__", call)
+    run = str(tmp_path / "run")
+    done = run_main(train_args(tiny_mnist["root"], run, *EXACT, epochs=3))
+    last = os.path.join(run, "last.pt")
+    one_line_error(done, code, f"stopped by {signal.Signals(signum).name} in epoch 2 after batch 4 of 10",
+                   f"continue with --resume {last}")
+    ckpt = load_pt(last)
+    assert ckpt["epoch"] == 1 and ckpt["partial"]["batch"] == 4 and len(ckpt["partial"]["plan"]["order"]) == 200
+    assert [r["epoch"] for r in read_rows(run)] == [1] and not [f for f in os.listdir(run) if ".tmp" in f]
+    monkeypatch.setattr(cn.BatchLoss, "__call__", real_call)
+    done = run_main(["--resume", last])
+    assert done.returncode == 0 and "resumed from epoch 1, batch 4 of epoch 2" in done.stdout, describe(done)
+    same_run(run, straight_three)
+
+
+def test_sigterm_from_outside_stops_within_seconds_and_resumes_exactly(tiny_mnist, tmp_path):
+    """A real SIGTERM to a training process, wherever it lands after the first epoch: exit 143 within
+    a few seconds, one 'stopped by SIGTERM' line, no traceback, no temporary file; resumed to
+    the same epoch count, the run equals an uninterrupted one."""
+    run = str(tmp_path / "run")
+    args = train_args(tiny_mnist["root"], run, *EXACT, "--batch-size", 4, epochs=50)
+    proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 240
+        while not (os.path.exists(os.path.join(run, "metrics.jsonl")) and read_rows(run)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no epoch finished"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143 and stopped_after < 10, (stopped_after, err[-3000:])
+    assert "Traceback" not in err and "stopped by SIGTERM" in err and not [f for f in os.listdir(run) if ".tmp" in f]
+    ckpt = load_pt(os.path.join(run, "last.pt"))
+    epochs = ckpt["epoch"] + 1
+    done = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", epochs])
+    assert done.returncode == 0, describe(done)
+    straight = str(tmp_path / "straight")
+    done = run_main(train_args(tiny_mnist["root"], straight, *EXACT, "--batch-size", 4, epochs=epochs))
+    assert done.returncode == 0, describe(done)
+    same_run(run, straight)
+
+
+# ---- out of memory: one line, exit code 3, never a compile failure ----
+from capsnet import fast  # noqa: E402
+
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def test_out_of_memory_inside_the_compiled_layer_is_not_a_compile_failure(capsys):
+    """An out-of-memory error that torch.compile wraps in its own exception type propagates: no
+    'torch.compile failed' fallback to eager (which would not fit either)."""
+    layer = fast.CompiledOrEager(lambda x: x)
+
+    def compiled(x):
+        try:
+            raise OOM("CUDA out of memory. Tried to allocate 20.00 GiB")
+        except OOM as e:
+            raise RuntimeError("backend='inductor' raised an error") from e
+
+    layer.fn = compiled
+    with pytest.raises(RuntimeError) as info:
+        layer(torch.ones(1))
+    assert runtime.is_out_of_memory(info.value) and not layer.failed
+    assert "torch.compile failed" not in capsys.readouterr().err
+    assert not runtime.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_out_of_memory_mid_run_is_one_line_with_exit_3_and_the_checkpoint_intact(one_epoch, tmp_path, monkeypatch):
+    run = copy_run(one_epoch["dir"], tmp_path / "run")
+    real, calls = cn.capsule_layer, [0]
+
+    def layer(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OOM("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total capacity)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cn, "capsule_layer", layer)
+    last = os.path.join(run, "last.pt")
+    done = run_main(["--resume", last, "--epochs", 2])
+    one_line_error(done, 3, "out of memory (OutOfMemoryError) at --batch-size 20, --eval-batch-size 50: lower them")
+    assert load_pt(last)["epoch"] == 1 and [r["epoch"] for r in read_rows(run)] == [1]
