@@ -135,10 +135,13 @@ def data_batch(cfg, batch_size, device):
                            cfg["NUM_CLASSES"])
 
 
-def limit_memory():
-    """Cap this process's address space at the memory the machine has free, so that a shape too
-    large for it ends in a MemoryError of this worker (reported as a result) rather than in the
-    kernel's out-of-memory killer picking a process."""
+def limit_memory(device):
+    """On the CPU, cap this process's address space at the memory the machine has free, so that a
+    shape too large for it ends in a MemoryError of this worker (reported as a result) rather than
+    in the kernel's out-of-memory killer picking a process. Not on a GPU: CUDA reserves far more
+    address space than the machine has memory, and its own out-of-memory error is a result already."""
+    if device.type != "cpu":
+        return
     try:
         with open("/proc/meminfo", encoding="utf-8") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -159,8 +162,8 @@ def benchmark_worker(cfg, kind):
     Adam called directly, as a user's own script would. After its warm-up it prints one JSON line,
     then answers each line "train N" / "eval N" on stdin with N step times, and "done" with its
     peak memory."""
-    limit_memory()
-    device = runtime.resolve_device(cfg["DEVICE"])
+    device = runtime.resolve_device(cfg["DEVICE"])  # no CUDA context yet: limit_memory comes first
+    limit_memory(device)
     runtime.seed_everything(cfg["SEED"])
     shape = (cfg["IMAGE_CHANNELS"], data.input_size(cfg), cfg["NUM_CLASSES"], cfg["PRIMARY_CAPS"])
     if kind == "baseline":

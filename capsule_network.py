@@ -50,14 +50,16 @@ import torch.nn.functional as F
 from capsnet.cli import OneLineParser, add_constant_flags, constants_table, validate_config
 from capsnet.data import (input_size, load_data, multimnist_pairs, nominal_data_settings, random_crop_flip,  # noqa: F401
                           random_shift, read_images_as_data, smallest_input, to_float_images)
+from capsnet.decoders import DeconvDecoder
 from capsnet.fast import CompileChoice, CompiledOrEager, conv1_primary_cpu
 from capsnet.figures import (epoch_views, fig5_tiles, for_display, one_per_class, plot_curves_png, plot_fig5_png,
-                             plot_routing_png, visual_figures)
+                             plot_routing_png, rotation_png, visual_figures)
 from capsnet.meters import (PassStats, matched_predictions, meter_values, pass_meters, print_evaluation,  # noqa: F401
                             two_digit_scores)
-from capsnet.runtime import (Distributed, NonFiniteLoss, Preempted, UsageError, amp_choice, amp_dtype, atomic_torch_save,
-                             autocast, fresh_run_dir, how_it_ended, load_checkpoint, load_weights, read_metrics, resume_into, rng_state,
-                             set_rng_state, setup_process, stop_signals, sync, truncate_metrics, tune_cpu_malloc)
+from capsnet.runtime import (Distributed, NonFiniteLoss, Preempted, UsageError, amp_choice, amp_dtype,
+                             atomic_torch_save, autocast, fresh_run_dir, how_it_ended, load_checkpoint, load_weights,
+                             model_to_device, read_metrics, resume_into, rng_state, set_rng_state, setup_process,
+                             stop_signals, sync, truncate_metrics, tune_cpu_malloc)
 from capsnet.visdom_plots import VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
@@ -89,6 +91,8 @@ W_INIT_STD: float = 0.01  # standard deviation of the normal initialisation of t
 INIT: str = "torch"  # torch: PyTorch's layer defaults, W_ij ~ N(0, W_INIT_STD); authors: truncated normals (Conv1 0.05, the rest 0.1), biases 0.1
 PRIMARY_SCALE: float = 1.0  # PrimaryCaps pre-activation = this x convolution + bias; authors: 0.03125 (one routing pass over 32 types, zero logits)
 DIGIT_CAPS_BIAS: bool = False  # a learned bias (J, E), starting at 0.1, added to s_j before the squash (authors' code; not in the paper)
+DECODER: str = "fc"  # fc: the paper's 512-1024 fully connected decoder (Fig. 2); deconv: ethanleet/CapsNet's transposed convolutions
+CONV1_LEAKY: float = 0.0  # slope of a leaky ReLU on Conv1 (0: the paper's ReLU; soskek's port: 0.05)
 DECODER_HIDDEN1: int = 512  # first decoder layer width (Fig. 2)
 DECODER_HIDDEN2: int = 1024  # second decoder layer width (Fig. 2)
 # loss, as in the paper (eq. 4, sec. 4.1)
@@ -295,7 +299,7 @@ class CapsuleNet(nn.Module):
                  decoder_hidden=(DECODER_HIDDEN1, DECODER_HIDDEN2), image_size=28,
                  dft_conv=CPU_DFT_CONV, gemm_weight_grad=CPU_GEMM_WEIGHT_GRAD, cpu_malloc_tuning=CPU_MALLOC_TUNING,
                  in_channels=1, init=INIT, primary_scale=PRIMARY_SCALE, digit_caps_bias=DIGIT_CAPS_BIAS,
-                 routing_impl=ROUTING_IMPL):
+                 routing_impl=ROUTING_IMPL, decoder=DECODER, conv1_leaky=CONV1_LEAKY):
         super().__init__()
         if image_size < smallest_input(kernel_size):
             raise ValueError(f"{image_size}x{image_size} images are too small for {kernel_size}x{kernel_size} "
@@ -316,7 +320,8 @@ class CapsuleNet(nn.Module):
             nn.Linear(digit_dim * num_classes, decoder_hidden[0]), nn.ReLU(inplace=True),
             nn.Linear(decoder_hidden[0], decoder_hidden[1]), nn.ReLU(inplace=True),
             nn.Linear(decoder_hidden[1], in_channels * image_size * image_size), nn.Sigmoid(),
-        )
+        ) if decoder == "fc" else DeconvDecoder(digit_dim * num_classes, in_channels, image_size)
+        self.conv1_leaky = conv1_leaky
         self.primary_scale = primary_scale
         # the authors' code adds a bias to s_j, starting at 0.1 (its bias_variable)
         self.digit_bias = nn.Parameter(torch.full((num_classes, digit_dim), 0.1)) if digit_caps_bias else None
@@ -344,11 +349,15 @@ class CapsuleNet(nn.Module):
         truncated(self.conv1.weight, 0.05)
         truncated(self.primary.weight, 0.1)
         truncated(self.W, 0.1)
-        for layer in self.decoder:
-            if isinstance(layer, nn.Linear):
-                truncated(layer.weight, 0.1)
-        for bias in (self.conv1.bias, self.primary.bias, *(m.bias for m in self.decoder if isinstance(m, nn.Linear))):
+        layers = [m for m in self.decoder.modules() if isinstance(m, (nn.Linear, nn.ConvTranspose2d))]
+        for layer in layers:
+            truncated(layer.weight, 0.1)
+        for bias in (self.conv1.bias, self.primary.bias, *(m.bias for m in layers)):
             bias.fill_(0.1)
+
+    def conv1_activation(self, x):
+        """ReLU after Conv1 (the paper), or a leaky ReLU with slope CONV1_LEAKY."""
+        return F.leaky_relu(x, self.conv1_leaky, inplace=True) if self.conv1_leaky else F.relu(x, inplace=True)
 
     def primary_weight(self):
         """The PrimaryCaps kernel as it acts: x PRIMARY_SCALE (1/32 in the authors' code), the bias apart."""
@@ -368,7 +377,7 @@ class CapsuleNet(nn.Module):
         """images (B, C, H, W) -> squashed primary capsules (B, I, D) (MNIST: I = 1152, D = 8)."""
         x = conv1_primary_cpu(self, images) if images.device.type == "cpu" else None  # faster, same values
         if x is None:
-            x = F.relu(self.conv1(images), inplace=True)  # (B, 256, 20, 20)
+            x = self.conv1_activation(self.conv1(images))  # (B, 256, 20, 20)
             x = F.conv2d(x, self.primary_weight(), self.primary.bias, self.primary.stride)  # (B, 32*8, 6, 6)
         B = x.shape[0]
         # Each capsule is the 8 channels of one type at one pixel, never neighbouring pixels.
@@ -458,7 +467,7 @@ def build_model(cfg):
                       dft_conv=cfg["CPU_DFT_CONV"], gemm_weight_grad=cfg["CPU_GEMM_WEIGHT_GRAD"],
                       cpu_malloc_tuning=cfg["CPU_MALLOC_TUNING"], init=cfg["INIT"],
                       primary_scale=cfg["PRIMARY_SCALE"], digit_caps_bias=cfg["DIGIT_CAPS_BIAS"],
-                      routing_impl=cfg["ROUTING_IMPL"])
+                      routing_impl=cfg["ROUTING_IMPL"], decoder=cfg["DECODER"], conv1_leaky=cfg["CONV1_LEAKY"])
 
 
 def build_optimizer(model, cfg):
@@ -787,15 +796,6 @@ class Trainer:
             self.engine.train(self.network, self.train_batches, epochs, self.optimizer)
 
 
-def model_to_device(model, cfg, device):
-    model = model.to(device)
-    if cfg["CHANNELS_LAST"]:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg["COMPILE"] is True:
-        model.use_compile()
-    return model
-
-
 def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None):
     """Train from the constants, or continue `ckpt`. Under torchrun (`dist`) every process runs this
     with its share of each batch. `resume_auto`: --resume auto found no checkpoint, so a fresh run
@@ -954,6 +954,10 @@ def run_visualize(cfg, ckpt):
         for name in ("class_masks", "couplings"):
             written.append(os.path.join(out, f"{name}.png"))
             save_image(figures[name], written[-1])
+        if importlib.util.find_spec("matplotlib") is not None:  # the rotation sweep, one test image per class
+            written.append(os.path.join(out, "rotation.png"))
+            rotation_png(model, test_images, test_labels, cfg["CLASS_NAMES"] or list(range(cfg["NUM_CLASSES"])),
+                         cfg["CROP_SIZE"], written[-1])
     else:  # Fig. 5: pairs of the fixed test set and their reconstructions
         written.append(os.path.join(out, "fig5.png"))
         tiles = fig5_tiles(model, *data.test.first_rows(min(cfg["RECON_IMAGES"], data.test.rows))[:2])
@@ -1014,7 +1018,7 @@ def run_predict(cfg, ckpt, paths):
 
 
 MODEL_KEYS = ("DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAMES", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
-              "ROUTING_ITERATIONS", "ROUTING_LEAKY", "W_INIT_STD", "INIT", "PRIMARY_SCALE", "DIGIT_CAPS_BIAS", "DECODER_HIDDEN1", "DECODER_HIDDEN2",
+              "ROUTING_ITERATIONS", "ROUTING_LEAKY", "W_INIT_STD", "INIT", "PRIMARY_SCALE", "DIGIT_CAPS_BIAS", "DECODER", "CONV1_LEAKY", "DECODER_HIDDEN1", "DECODER_HIDDEN2",
               "M_PLUS", "M_MINUS", "LAMBDA_ABSENT", "RECON_WEIGHT")  # what an exported model carries: shape, loss
 
 

@@ -108,6 +108,8 @@ def validate_config(cfg, datasets):
         (cfg["W_INIT_STD"] > 0, "--w-init-std must be > 0"),
         (cfg["INIT"] in ("torch", "authors"), f"--init must be torch or authors, not {cfg['INIT']!r}"),
         (cfg["PRIMARY_SCALE"] > 0, "--primary-scale must be > 0"),
+        (cfg["DECODER"] in ("fc", "deconv"), f"--decoder must be fc or deconv, not {cfg['DECODER']!r}"),
+        (cfg["CONV1_LEAKY"] >= 0, "--conv1-leaky must be >= 0"),
         (cfg["MARGIN_REDUCTION"] in ("sum", "half-mean"),
          f"--margin-reduction must be sum or half-mean, not {cfg['MARGIN_REDUCTION']!r}"),
         (0 <= cfg["M_MINUS"] < cfg["M_PLUS"] <= 1, "need 0 <= --m-minus < --m-plus <= 1"),

@@ -11,6 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from capsnet.decoders import deconv_base_grid
 from capsnet.runtime import UsageError, part_of
 
 MULTIMNIST_CANVAS = 36  # paper, sec. 6: a 28x28 digit shifted by up to 4 px in a 36x36 image
@@ -585,3 +586,5 @@ def validate_shape(cfg):
         raise UsageError(f"{size}x{size} images are too small for Conv1 and PrimaryCaps ({cfg['KERNEL_SIZE']}x"
                          f"{cfg['KERNEL_SIZE']} kernels, stride 2): the smallest size that works is {smallest}x"
                          f"{smallest} (--image-size {smallest} or more)")
+    if cfg.get("DECODER") == "deconv" and deconv_base_grid(size) is None:
+        raise UsageError(f"--decoder deconv reconstructs 18x18 images and larger, not {size}x{size}: use --decoder fc")

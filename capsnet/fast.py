@@ -30,10 +30,10 @@ def conv1_primary_cpu(model, images):
             images = images.contiguous().as_strided(images.shape, (H * W, 1, W, 1))
         else:
             images = images.contiguous(memory_format=torch.channels_last)
-        x = F.relu(model.conv1(images), inplace=True).permute(0, 2, 3, 1)  # (B, 20, 20, 256)
+        x = model.conv1_activation(model.conv1(images)).permute(0, 2, 3, 1)  # (B, 20, 20, 256)
         return conv2d_dft(x, weight, bias, stride, x.dtype, cached_weight_f(model, x.dtype))  # (B, T*D, 6, 6)
     if model.gemm_weight_grad and torch.is_grad_enabled() and model.primary.weight.requires_grad:
-        x = F.relu(model.conv1(images), inplace=True)  # (B, 256, 20, 20)
+        x = model.conv1_activation(model.conv1(images))  # (B, 256, 20, 20)
         dtype = x.dtype  # bf16 under autocast
         return StridedConvGemmGrad.apply(x, weight.to(dtype), bias.to(dtype), stride)  # (B, T*D, 6, 6)
     return None

@@ -216,3 +216,63 @@ def epoch_views(model, data, cfg, device, dtype):
     if cfg["VISUALIZE_EVERY_EPOCH"]:
         figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"], cfg["CROP_SIZE"])
     return grid, figures, None
+
+
+@torch.no_grad()
+def rotation_sweep(model, images, step=10):
+    """ethanleet/CapsNet's rotation sweep: each image (K, C, H, W) in [0, 1] turned about its centre
+    by 0, step, ..., 360 - step degrees (bilinear, black outside) and passed through the model ->
+    (angles (A,), lengths (K, A, J), rotated images and their reconstructions from the longest
+    capsule, both (K, A, C, H, W)). It shows what a network trained on upright digits makes of
+    turned ones."""
+    was_training = model.training
+    model.eval()
+    K, C, H, W = images.shape
+    angles = torch.arange(0, 360, step, dtype=torch.float32)
+    radians = torch.deg2rad(angles).to(images.device)
+    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (A, 2, 3)
+    grid = F.affine_grid(theta, (len(angles), C, H, W), align_corners=False)  # (A, H, W, 2)
+    rotated = torch.stack([F.grid_sample(image.expand(len(angles), C, H, W), grid, align_corners=False)
+                           for image in images])  # (K, A, C, H, W)
+    lengths, recon = model(rotated.flatten(0, 1))
+    model.train(was_training)
+    return angles, lengths.float().reshape(K, len(angles), -1), rotated, recon.float().reshape(rotated.shape)
+
+
+def plot_rotation_png(sweep, labels, class_names, path):
+    """rotation_sweep's result as a PNG: for each image, every class capsule's length against the
+    angle (its own class drawn thick), and beneath it the strip of reconstructions."""
+    from matplotlib.figure import Figure
+
+    angles, lengths, _, recon = sweep
+    K, J = lengths.shape[0], lengths.shape[2]
+    fig = Figure(figsize=(12, 2.8 * K), dpi=100, layout="constrained")
+    axes = fig.subplots(2 * K, 1, gridspec_kw={"height_ratios": [3, 1] * K})
+    colours = [f"C{j % 10}" for j in range(J)]
+    for k in range(K):
+        plot, strip = axes[2 * k], axes[2 * k + 1]
+        for j in range(J):
+            plot.plot(angles, lengths[k, :, j], color=colours[j], lw=2.5 if j == labels[k] else 0.8,
+                      label=str(class_names[j]))
+        plot.set_xlim(-5, 355)
+        plot.set_ylim(0, 1)
+        plot.set_ylabel("capsule length")
+        plot.set_title(f"a test {class_names[labels[k]]} turned in steps of {int(angles[1] - angles[0])} degrees")
+        plot.grid(alpha=0.3)
+        if k == 0:
+            plot.legend(ncol=min(J, 10), fontsize=7, loc="upper right")
+        row = for_display(recon[k]).cpu()  # (A, C, H, W)
+        row = torch.cat(list(row), dim=-1)  # (C, H, A * W)
+        strip.imshow(row.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if row.shape[0] == 1 else None,
+                     vmin=0, vmax=1, aspect="equal")
+        strip.set_axis_off()
+    axes[-2].set_xlabel("angle (degrees)")
+    fig.savefig(path)
+
+
+def rotation_png(model, images_u8, labels, class_names, crop, path, most=10):
+    """The rotation sweep of the first test image of each of the first `most` classes, as a PNG."""
+    digits, picked = one_per_class(images_u8, labels, len(class_names))
+    sweep = rotation_sweep(model, to_float_images(digits[:most], crop))
+    plot_rotation_png(sweep, picked[:most].tolist(), class_names, path)

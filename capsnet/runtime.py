@@ -404,3 +404,13 @@ def setup_process(cfg, dist=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device, bool(malloc_tuned)
+
+
+def model_to_device(model, cfg, device):
+    """The model on `device`, channels-last and with the compiled capsule layer if cfg asks."""
+    model = model.to(device)
+    if cfg["CHANNELS_LAST"]:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg["COMPILE"] is True:
+        model.use_compile()
+    return model

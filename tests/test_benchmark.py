@@ -201,3 +201,20 @@ def test_alternate_segments_interleaves_programs_and_drops_a_failed_one():
                    ("this", "eval", 3), ("base", "eval", 3), ("base", "eval", 2), ("this", "eval", 2),
                    ("this", "eval", 2), ("base", "eval", 2)]
     assert medians == {"this": {"train": 0.5, "eval": 0.1}, "base": {"train": 4.0, "eval": 1.0}}
+
+
+def test_workers_cap_their_address_space_on_the_cpu_only(monkeypatch):
+    """On a GPU the worker's address space stays uncapped (CUDA reserves far more than the free
+    memory); the report names the device and measures GPU memory with CUDA's own counter."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    bench.limit_memory(torch.device("cuda"))
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    code = (f"import resource, sys, torch; sys.path.insert(0, {ROOT!r}); import bench\n"
+            "bench.limit_memory(torch.device('cpu'))\n"
+            "print(resource.getrlimit(resource.RLIMIT_AS)[0])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and 0 < int(done.stdout) < 2**62, describe(done)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    assert bench.peak_memory_mib(torch.device("cuda")) == 3.0

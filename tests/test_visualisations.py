@@ -104,7 +104,7 @@ def test_visualize_writes_the_figures(trained_run, tmp_path):
     done = run_script(["--visualize", "--resume", os.path.join(run, "last.pt")])
     assert done.returncode == 0, describe(done)
     names = [f"fig4_digit{k}.png" for k in range(10)] + ["class_masks.png", "couplings.png", "curves.png",
-                                                         "routing_logit_change.png"]
+                                                         "routing_logit_change.png", "rotation.png"]
     for name in names:
         assert name in done.stdout, name
         size = assert_png(os.path.join(run, name))
@@ -122,6 +122,7 @@ def test_visualize_without_matplotlib_writes_the_rest_and_warns_once(trained_run
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: matplotlib is not installed"), err
     assert os.path.exists(os.path.join(run, "couplings.png")) and not os.path.exists(os.path.join(run, "curves.png"))
+    assert not os.path.exists(os.path.join(run, "rotation.png"))
 
 
 def test_export_weights_fp16_and_evaluate_them(trained_run, tmp_path):
@@ -154,3 +155,20 @@ def test_export_weights_fp16_and_evaluate_them(trained_run, tmp_path):
     assert result["test_images"] == N_TEST and result["checkpoint_epoch"] == exported["epoch"] == row["epoch"]
     assert abs(result["test_accuracy"] - row["test_accuracy"]) <= 1.0, (result, row)
     assert result["test_loss"] == pytest.approx(row["test_loss"], rel=2e-2), (result, row)
+
+
+def test_the_rotation_sweep_turns_each_image_and_asks_the_model():
+    """0 degrees is the image itself, 90 degrees is torch.rot90 (pixel centres land on pixel
+    centres); every class capsule's length at every angle, and reconstructions of each."""
+    model = small_model()
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    angles, lengths, rotated, recon = figures.rotation_sweep(model, images, step=30)
+    assert angles.tolist() == list(range(0, 360, 30)) and lengths.shape == (2, 12, 10)
+    assert rotated.shape == recon.shape == (2, 12, 1, 28, 28)
+    torch.testing.assert_close(rotated[:, 0], images, rtol=0, atol=1e-5)
+    turned = torch.rot90(images, 1, dims=(2, 3))  # counter-clockwise on the screen ...
+    clockwise = torch.rot90(images, -1, dims=(2, 3))
+    assert min((rotated[:, 3] - turned).abs().max(), (rotated[:, 3] - clockwise).abs().max()) < 1e-4
+    with torch.no_grad():
+        direct, _ = model(rotated[:, 5])
+    torch.testing.assert_close(lengths[:, 5], direct)
