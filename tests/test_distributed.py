@@ -88,22 +88,17 @@ def test_only_rank_0_prints_and_writes(one_and_two):
         ["best.pt", "last.pt", "metrics.jsonl"]
 
 
-def test_checkpoints_move_between_process_counts(one_and_two, tmp_path):
-    """A 1-epoch run in 2 processes continued in 1, and one in 1 continued in 2, both end where the
-    uninterrupted run ends."""
+def test_a_checkpoint_of_two_processes_continues_in_one(one_and_two, tmp_path):
+    """A 1-epoch run in 2 processes, continued in 1 (as on a machine with fewer GPUs), ends where the
+    uninterrupted run ends (two processes continuing their own checkpoint: the mid-epoch test below)."""
     data = one_and_two["data"]["root"]
-    a, b = str(tmp_path / "two_then_one"), str(tmp_path / "one_then_two")
+    a = str(tmp_path / "two_then_one")
     done = torchrun(train_args(data, a, *ODD, epochs=1))
     assert done.returncode == 0, describe(done)
     done = run_main(["--resume", os.path.join(a, "last.pt"), "--epochs", 2])
     assert done.returncode == 0, describe(done)
-    done = run_main(train_args(data, b, *ODD, epochs=1))
-    assert done.returncode == 0, describe(done)
-    done = torchrun(["--resume", os.path.join(b, "last.pt"), "--epochs", 2])
-    assert done.returncode == 0, describe(done)
-    for run in (a, b):
-        same_rows(read_rows(run), read_rows(one_and_two["one"]))
-        same_weights(os.path.join(run, "last.pt"), os.path.join(one_and_two["one"], "last.pt"))
+    same_rows(read_rows(a), read_rows(one_and_two["one"]))
+    same_weights(os.path.join(a, "last.pt"), os.path.join(one_and_two["one"], "last.pt"))
 
 
 def test_resume_auto_starts_fresh_then_continues(tiny_mnist, tmp_path):
