@@ -694,6 +694,7 @@ class Trainer:
                                "seconds": time.perf_counter() - self.epoch_started}
             if self.dist.main:
                 atomic_torch_save(ckpt, last)
+            self.dist.barrier()
             where = f"in epoch {state['epoch'] + 1} after batch {self.batch_in_pass} of {len(self.train_batches)}"
         raise Preempted(self.stop[0] if self.stop else signal.SIGTERM,
                         f"stopped by {name} {where}: {last} holds the run up to there; continue with --resume {last}")
@@ -866,6 +867,7 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None):
     trainer = Trainer(cfg, device, model, optimizer, scheduler, data, start_epoch, best, compile_state, dist,
                       ckpt.get("partial") if ckpt is not None else None)
     trainer.train(cfg["EPOCHS"])
+    dist.barrier()  # every process done (rank 0's last checkpoint written) before the group ends
 
 
 # ---- the other modes: --eval-only, --visualize, --export-weights ----

@@ -249,6 +249,14 @@ class Distributed:
             tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.started = True
 
+    def barrier(self):
+        """Wait until every process is here: before they leave the group together (a process that
+        tears down its connections while another still writes can abort that one's gloo threads)."""
+        if self.started:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
     def stop(self):
         if self.started:
             import torch.distributed as tdist

@@ -52,25 +52,14 @@ def check_report(done, path):
     return result
 
 
-def test_bench_writes_json(tmp_path):
-    """python bench.py with one timed step: exit 0 and a JSON file with device, dtype, batch size
-    and positive images/s for this model and the gram-ai-structured baseline; no run dir, no data."""
+def test_the_trainer_hands_over_to_bench_which_writes_json(tmp_path):
+    """capsule_network.py --benchmark --benchmark-json PATH (bench.py's flags through the trainer)
+    with one timed step: exit 0 and a JSON file with device, dtype, batch size and images/s for
+    this model and the gram-ai-structured baseline, speed-ups from them; no run dir, no data."""
     out = tmp_path / "bench.json"
-    check_report(run_bench(TINY + ["--no-benchmark-direct", "--json", out], tmp_path), out)
+    check_report(run_script(["--benchmark", *TINY, "--no-benchmark-direct", "--benchmark-json", out], cwd=tmp_path),
+                 out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
-
-
-def test_trainer_benchmark_flag_hands_over_to_bench(tmp_path):
-    """capsule_network.py --benchmark --benchmark-json PATH hands its flags to bench.py: this model
-    timed alone (--no-benchmark-baseline), at the batch size given, its report in the JSON."""
-    out = tmp_path / "b.json"
-    done = run_script(["--benchmark", *TINY, "--no-benchmark-baseline", "--benchmark-json", out], cwd=tmp_path)
-    assert done.returncode == 0 and "Traceback" not in done.stderr, describe(done)
-    with open(out, encoding="utf-8") as f:
-        result = json.load(f)
-    assert result["batch_size"] == 4 and result["steps"] == 1 and result["settings"]["capsule_layer"] == "eager"
-    assert result["train_images_per_s"] > 0 and "baseline_train_images_per_s" not in result
-    assert "this model:" in done.stdout and "baseline:" not in done.stdout
 
 
 def test_bench_times_multimnist_at_36x36(tmp_path):

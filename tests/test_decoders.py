@@ -51,7 +51,8 @@ def test_conv1_leaky_is_a_leaky_relu_on_conv1_in_every_convolution_path():
 
 def test_a_tiny_deconv_run_with_a_leaky_conv1_trains_resumes_and_evaluates(tiny_mnist, tmp_path):
     run = str(tmp_path / "run")
-    done = run_main(train_args(tiny_mnist["root"], run, "--decoder", "deconv", "--conv1-leaky", 0.05, epochs=1))
+    small = ["--train-size", 60, "--test-size", 50]
+    done = run_main(train_args(tiny_mnist["root"], run, "--decoder", "deconv", "--conv1-leaky", 0.05, *small, epochs=1))
     assert done.returncode == 0, describe(done)
     last = os.path.join(run, "last.pt")
     assert load_pt(last)["config"]["DECODER"] == "deconv" and "decoder.deconv.0.weight" in load_pt(last)["model"]

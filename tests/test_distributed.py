@@ -185,22 +185,18 @@ def test_a_batch_the_world_size_does_not_divide_is_one_line(tiny_mnist, tmp_path
     assert "exitcode: 2" in done.stderr and not os.path.exists(run)
 
 
-def test_the_speed_features_work_under_ddp(one_and_two, tmp_path):
-    """The default mode (bf16 autocast where the CPU has it, the DFT convolution, fused Adam) with
-    the compiled capsule layer, in 2 processes: it trains, and close to one process (bf16 rounds
-    differently for half batches, so to 1e-3 here rather than 1e-5)."""
+def test_the_compiled_layer_works_under_ddp(one_and_two, tmp_path):
+    """The compiled capsule layer (with the DFT convolution and fused Adam of the default mode), in
+    2 processes: it compiles, trains, and its epoch equals the eager one-process epoch (fp32) to
+    1e-4 (compiled code adds in another order)."""
     data = one_and_two["data"]["root"]
-    odd_default = [a for a in ODD if a != "--no-amp"] + ["--compile"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    done = run_main(train_args(data, one, *odd_default, epochs=1))
-    assert done.returncode == 0, describe(done)
-    done = torchrun(train_args(data, two, *odd_default, epochs=1))
+    two = str(tmp_path / "two")
+    done = torchrun(train_args(data, two, *ODD, "--compile", epochs=1))
     assert done.returncode == 0, describe(done)
     assert "Traceback" not in done.stderr and "torch.compile failed" not in done.stderr
     rows = read_rows(two)
     assert rows[0]["compile"] == "compiled"
-    same_rows(rows, read_rows(one), tolerance=1e-3)
-    same_weights(os.path.join(two, "last.pt"), os.path.join(one, "last.pt"), tolerance=1e-3)
+    same_rows(rows, read_rows(one_and_two["one"])[:1], tolerance=1e-4)
 
 
 def test_multimnist_in_two_processes_trains_as_in_one(tiny_mnist, tmp_path):
