@@ -1,6 +1,8 @@
 """Figures from a trained model: Fig. 4 (perturbed capsule dimensions), reconstructions under
 every class mask, routing couplings, Fig. 5 (MultiMNIST), and the PNG charts of a run's metrics."""
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -215,6 +217,11 @@ def epoch_views(model, data, cfg, device, dtype):
     figures = None
     if cfg["VISUALIZE_EVERY_EPOCH"]:
         figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"], cfg["CROP_SIZE"])
+        if importlib.util.find_spec("matplotlib") is not None:  # the rotation sweep, drawn as for rotation.png
+            digits, picked = one_per_class(test_images, test_labels, cfg["NUM_CLASSES"])
+            sweep = rotation_sweep(model, to_float_images(digits[:10], cfg["CROP_SIZE"]))
+            names = cfg["CLASS_NAMES"] or list(range(cfg["NUM_CLASSES"]))
+            figures["rotation"] = rotation_image(sweep, picked[:10].tolist(), names)
     return grid, figures, None
 
 
@@ -243,11 +250,26 @@ def rotation_sweep(model, images, step=10):
 def plot_rotation_png(sweep, labels, class_names, path):
     """rotation_sweep's result as a PNG: for each image, every class capsule's length against the
     angle (its own class drawn thick), and beneath it the strip of reconstructions."""
+    rotation_figure(sweep, labels, class_names).savefig(path)
+
+
+def rotation_image(sweep, labels, class_names):
+    """rotation_figure as a CHW float image in [0, 1] (for Visdom)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(rotation_figure(sweep, labels, class_names, dpi=60))
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]  # (H, W, 3) uint8
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+
+
+def rotation_figure(sweep, labels, class_names, dpi=100):
     from matplotlib.figure import Figure
 
     angles, lengths, _, recon = sweep
     K, J = lengths.shape[0], lengths.shape[2]
-    fig = Figure(figsize=(12, 2.8 * K), dpi=100, layout="constrained")
+    fig = Figure(figsize=(12, 2.8 * K), dpi=dpi, layout="constrained")
     axes = fig.subplots(2 * K, 1, gridspec_kw={"height_ratios": [3, 1] * K})
     colours = [f"C{j % 10}" for j in range(J)]
     for k in range(K):
@@ -268,7 +290,7 @@ def plot_rotation_png(sweep, labels, class_names, path):
                      vmin=0, vmax=1, aspect="equal")
         strip.set_axis_off()
     axes[-2].set_xlabel("angle (degrees)")
-    fig.savefig(path)
+    return fig
 
 
 def rotation_png(model, images_u8, labels, class_names, crop, path, most=10):

@@ -76,8 +76,10 @@ class VisdomPlots:
                 self.masks = window("image", "reconstruction under every class mask (rows: digits, cols: masks)")
                 self.couplings = window("image", "couplings c_ij of one test image (per class: 32 types x 6x6; "
                                                  "min black, max white)")
+                self.rotation = window("image", "rotation sweep: capsule lengths of a test image per class turned "
+                                                "through 360 degrees, reconstructions beneath")
             self.loggers = [self.loss, self.accuracy, self.lr, self.routing, self.live_loss, self.live_accuracy,
-                            self.confusion, self.recon, self.fig4, self.masks, self.couplings]
+                            self.confusion, self.recon, self.fig4, self.masks, self.couplings, self.rotation]
             for lg in self.loggers:
                 lg.viz.raise_exceptions = True  # errors reach us instead of being printed per call
         except Exception as e:
@@ -136,5 +138,7 @@ class VisdomPlots:
                     self.fig4.log(figures["fig4"].numpy())
                     self.masks.log(figures["class_masks"].numpy())
                     self.couplings.log(figures["couplings"].numpy())
+                    if "rotation" in figures:
+                        self.rotation.log(figures["rotation"].numpy())
         except Exception as e:  # a server that went away: warn once, keep training
             self._fail(e)
