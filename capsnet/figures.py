@@ -218,10 +218,9 @@ def epoch_views(model, data, cfg, device, dtype):
     if cfg["VISUALIZE_EVERY_EPOCH"]:
         figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"], cfg["CROP_SIZE"])
         if importlib.util.find_spec("matplotlib") is not None:  # the rotation sweep, drawn as for rotation.png
-            digits, picked = one_per_class(test_images, test_labels, cfg["NUM_CLASSES"])
-            sweep = rotation_sweep(model, to_float_images(digits[:10], cfg["CROP_SIZE"]))
             names = cfg["CLASS_NAMES"] or list(range(cfg["NUM_CLASSES"]))
-            figures["rotation"] = rotation_image(sweep, picked[:10].tolist(), names)
+            figures["rotation"] = rotation_image(*class_rotation(model, test_images, test_labels, names,
+                                                                 cfg["CROP_SIZE"]), names)
     return grid, figures, None
 
 
@@ -293,8 +292,13 @@ def rotation_figure(sweep, labels, class_names, dpi=100):
     return fig
 
 
-def rotation_png(model, images_u8, labels, class_names, crop, path, most=10):
-    """The rotation sweep of the first test image of each of the first `most` classes, as a PNG."""
+def class_rotation(model, images_u8, labels, class_names, crop, most=10):
+    """rotation_sweep of the first test image of each of the first `most` classes -> (the sweep,
+    those images' labels): what rotation.png and the Visdom window draw."""
     digits, picked = one_per_class(images_u8, labels, len(class_names))
-    sweep = rotation_sweep(model, to_float_images(digits[:most], crop))
-    plot_rotation_png(sweep, picked[:most].tolist(), class_names, path)
+    return rotation_sweep(model, to_float_images(digits[:most], crop)), picked[:most].tolist()
+
+
+def rotation_png(model, images_u8, labels, class_names, crop, path):
+    """class_rotation drawn as a PNG."""
+    plot_rotation_png(*class_rotation(model, images_u8, labels, class_names, crop), class_names, path)

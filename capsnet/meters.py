@@ -84,12 +84,12 @@ class PassStats:
             self.targets.append(labels.flatten())
 
     def snapshot(self):
-        """This pass so far, on the CPU (a mid-epoch checkpoint)."""
+        """This pass so far, on the CPU (a mid-epoch checkpoint; what gather sends)."""
+        losses = torch.stack(self.batch_losses) if self.batch_losses else self.loss_sum.new_zeros(0)
         return {"sums": torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype),
                                      self.correct_any.to(self.loss_sum.dtype)]).cpu(),
-                "count": self.count, "batch_losses": [x.cpu() for x in self.batch_losses],
-                "batch_sizes": list(self.batch_sizes), "outputs": [o.cpu() for o in self.outputs],
-                "targets": [t.cpu() for t in self.targets]}
+                "count": self.count, "batch_losses": losses.cpu(), "batch_sizes": list(self.batch_sizes),
+                "outputs": [o.cpu() for o in self.outputs], "targets": [t.cpu() for t in self.targets]}
 
     def restore(self, snaps):
         """Continue the pass of snapshot() (or of several processes' snapshots, concatenated)."""
@@ -100,7 +100,7 @@ class PassStats:
             self.correct += correct.long()
             self.correct_any += correct_any.long()
             self.count += snap["count"]
-            self.batch_losses += [x.to(self.device) for x in snap["batch_losses"]]
+            self.batch_losses += list(snap["batch_losses"].to(self.device).unbind())
             self.batch_sizes += snap["batch_sizes"]
             self.outputs += [o.to(self.device) for o in snap["outputs"]]
             self.targets += [t.to(self.device) for t in snap["targets"]]
@@ -115,21 +115,8 @@ class PassStats:
     def gather(self, dist):
         """Under torchrun: this pass's numbers from every process, in rank order, on every process,
         so that the meters see the whole pass (the same sums as one process)."""
-        if not dist.enabled:
-            return
-        mine = (torch.stack(self.batch_losses).tolist() if self.batch_losses else [], self.batch_sizes,
-                [o.cpu() for o in self.outputs], [t.cpu() for t in self.targets],
-                torch.stack([self.loss_sum, self.correct.float(), self.correct_any.float()]).tolist())
-        self.reset()
-        for losses, sizes, outputs, targets, (loss_sum, correct, correct_any) in dist.gather(mine):
-            self.batch_losses += [torch.tensor(x, device=self.device) for x in losses]
-            self.batch_sizes += sizes
-            self.outputs += outputs
-            self.targets += targets
-            self.loss_sum += loss_sum
-            self.correct += round(correct)
-            self.correct_any += round(correct_any)
-            self.count += sum(sizes)
+        if dist.enabled:
+            self.restore(dist.gather(self.snapshot()))
 
     def feed(self, meters):
         """Hand the pass to pass_meters() meters."""

@@ -20,13 +20,14 @@ class UsageError(Exception):
     """A bad constant, flag or input: reported as one line, exit code 2."""
 
 
-def truncate_metrics(run_dir, last_epoch):
-    """Rewrite metrics.jsonl with the rows up to the checkpoint's epoch: drops rows of an epoch
-    whose checkpoint was never written and a last line cut short by a crash."""
+def truncate_metrics(run_dir, last_epoch, source=None):
+    """Rewrite run_dir's metrics.jsonl with the rows up to the checkpoint's epoch: drops rows of an
+    epoch whose checkpoint was never written and a last line cut short by a crash. With `source`
+    (another run directory: a run continued in a new one), the rows are that directory's."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(source or run_dir, "metrics.jsonl")):
         return
-    kept = [r for r in read_metrics(run_dir) if r.get("epoch", math.inf) <= last_epoch]
+    kept = [r for r in read_metrics(source or run_dir) if r.get("epoch", math.inf) <= last_epoch]
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(path + ".tmp", path)
@@ -56,10 +57,8 @@ def resume_into(run_dir, ckpt_path, epoch):
         if any(os.path.exists(os.path.join(run_dir, f)) for f in ("metrics.jsonl", "best.pt")):
             raise UsageError(f"--run-dir {run_dir} holds another run: choose an empty directory to continue "
                              f"{ckpt_path} in (or --resume {last})")
-        rows = [r for r in read_metrics(source) if r.get("epoch", math.inf) <= epoch]
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        truncate_metrics(run_dir, epoch, source)
 
 
 def fresh_run_dir(run_dir):
