@@ -1,9 +1,14 @@
 """CUDA: forward/backward, a BatchLoss training step and the visualisations on the GPU."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import cn, small_model
+from conftest import SCRIPT, cn, describe, load_pt, read_rows, run_main, small_model, train_args
 from capsnet import figures, runtime  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -50,12 +55,6 @@ def test_cuda_visualisations(digit_batch):
 
 
 # ---- what runs on a GPU, end to end (skipped without CUDA) ----
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from conftest import SCRIPT, describe, load_pt, read_rows, run_main, train_args  # noqa: E402
 
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 ON_CUDA = ["--device", "cuda"]  # after train_args' --device cpu: the later flag wins

@@ -1,9 +1,17 @@
-"""Resuming on other hardware: the RNG state saved per device (a checkpoint from N GPUs resumes on
-fewer, on one, or on the CPU)."""
+"""Faults: resuming on other hardware (the RNG state per device), divergence, resume pitfalls,
+stop signals (mid-epoch checkpoints), out of memory."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
 
-from capsnet import runtime  # noqa: E402
+from conftest import SCRIPT, cn, copy_run, describe, load_pt, read_rows, run_main, train_args
+from capsnet import fast, runtime  # noqa: E402  (conftest puts the project on the path)
 
 
 def test_rng_state_holds_the_cpus_and_this_devices_generator_only():
@@ -32,11 +40,6 @@ def test_a_checkpoint_with_more_gpu_states_than_this_machine_has_resumes(monkeyp
 
 
 # ---- divergence, resume pitfalls ----
-import os  # noqa: E402
-
-import pytest  # noqa: E402
-
-from conftest import copy_run, describe, load_pt, read_rows, run_main, train_args  # noqa: E402
 
 
 def one_line_error(done, code, *fragments):
@@ -138,13 +141,6 @@ def test_bf16_autocast_only_where_the_gpu_runs_it_natively(monkeypatch, capabili
 
 
 # ---- preemption: SIGTERM, SIGUSR1 and Ctrl-C write the position and stop ----
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import capsule_network as cn  # noqa: E402
-from conftest import SCRIPT  # noqa: E402
 
 EXACT = ["--no-amp"]  # fp32 on every CPU: the resumed run equals the uninterrupted one to the last digit
 
@@ -233,7 +229,6 @@ def test_sigterm_from_outside_stops_within_seconds_and_resumes_exactly(tiny_mnis
 
 
 # ---- out of memory: one line, exit code 3, never a compile failure ----
-from capsnet import fast  # noqa: E402
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
