@@ -279,7 +279,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     optimizer = cn.build_optimizer(model, cfg)
     dtype = runtime.amp_dtype(device, cfg["AMP"])
     network = cn.BatchLoss(model, cn.build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
-                         crop=cfg["CROP_SIZE"], flip=cfg["FLIP"])
+                         crop=cfg["CROP_SIZE"], flip=cfg["FLIP"], augment=cfg["AUGMENT"])
     batch = data_batch(cfg, cfg["BATCH_SIZE"], device)
     eval_batch = data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)
 
@@ -345,7 +345,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     print("settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items()))
     labels = {"this": ("this model", ""), "compiled": ("compiled", "this model, compiled capsule layer"),
               "eager": ("eager", "this model, eager capsule layer"),
-              "direct": ("direct fp32", "CapsuleNet + CapsuleLoss + Adam, own process"),
+              "direct": ("direct fp32", "the paper's CapsuleNet + CapsuleLoss + Adam, own process"),
               "baseline": ("baseline", "gram-ai-structured, fp32, own process")}
     for kind in ("this", "compiled", "eager", "direct", "baseline"):
         if kind not in rates:

@@ -15,7 +15,8 @@ The file, top to bottom (support code lives in the capsnet/ package beside it):
                    (named recipes) and DATASETS (each data set and the paper's settings for it)
     model          squash (eq. 1), dynamic_routing (Procedure 1 as written; --routing-impl
                    reference trains it), capsule_layer (the same routing factored: the default),
-                   CapsuleNet (Fig. 1 and 2)
+                   CapsuleNet (Fig. 1 and 2); EfficientCapsNet (--model efficient-capsnet: the
+                   network of capsnet/efficient.py with this file's decoder and class scores)
     loss           CapsuleLoss: margin loss (eq. 4) + 0.0005 x summed squared reconstruction
                    error; build_model, build_optimizer, build_loss from the constants
     one step       BatchLoss: what torchnet's Engine calls per batch (shift, forward, loss)
@@ -26,7 +27,7 @@ The file, top to bottom (support code lives in the capsnet/ package beside it):
     command line   the configuration (constants < data set < checkpoint < preset < flags), main()
 capsnet/: data.py (readers, batches, shifts, MultiMNIST), fast.py (the CPU's faster PrimaryCaps
 convolution, the compile choice), meters.py, figures.py, visdom_plots.py, runtime.py (devices,
-RNG, checkpoints, torchrun), cli.py (flags from the constants).
+RNG, checkpoints, torchrun), cli.py (flags from the constants), efficient.py (Efficient-CapsNet).
 The speed benchmark is bench.py, beside this file. Measured results and the commands behind them
 are in README.md; the lab notes in results/README.md.
 """
@@ -34,7 +35,6 @@ are in README.md; the lab notes in results/README.md.
 import contextlib
 import copy
 import functools
-import importlib.util
 import json
 import os
 import signal
@@ -51,14 +51,14 @@ from capsnet.cli import OneLineParser, add_constant_flags, constants_table, vali
 from capsnet.data import (input_size, load_data, multimnist_pairs, nominal_data_settings, random_crop_flip,  # noqa: F401
                           random_shift, read_images_as_data, smallest_input, to_float_images)
 from capsnet.decoders import DeconvDecoder
+from capsnet.efficient import EfficientBody, efficient_augment
 from capsnet.fast import CompileChoice, CompiledOrEager, conv1_primary_cpu
-from capsnet.figures import (epoch_views, fig5_tiles, for_display, one_per_class, plot_curves_png, plot_fig5_png,
-                             plot_routing_png, rotation_png, visual_figures)
+from capsnet.figures import epoch_views, for_display, write_figures
 from capsnet.meters import (PassStats, matched_predictions, meter_values, pass_meters, print_evaluation,  # noqa: F401
                             two_digit_scores)
 from capsnet.runtime import (Distributed, NonFiniteLoss, Preempted, UsageError, amp_choice, amp_dtype,
                              atomic_torch_save, autocast, fresh_run_dir, how_it_ended, load_checkpoint, load_weights,
-                             model_to_device, read_metrics, resume_into, rng_state, set_rng_state, setup_process,
+                             model_to_device, resume_into, rng_state, set_rng_state, setup_process,
                              stop_signals, sync, truncate_metrics, tune_cpu_malloc)
 from capsnet.visdom_plots import VisdomPlots
 
@@ -74,8 +74,10 @@ CROP_SIZE: int = 0  # random CROP_SIZE crops of training images, the central one
 FLIP: bool = False  # random left-right flips of training images (cifar10)
 MAX_SHIFT: int = 2  # random shift of up to this many pixels per image, training only (paper, sec. 5; not multimnist)
 MULTIMNIST_SHIFT: int = 4  # multimnist: each digit of a pair shifted by up to this many pixels in the 36x36 image
+AUGMENT: str = "none"  # more training augmentation, per image on the device: none, or efficient (Efficient-CapsNet's rotation, shift, squish, erase)
 MULTIMNIST_TEST_PAIRS: int = 1  # multimnist: fixed test images per MNIST test digit (the paper made 1,000)
 # model, as in the paper (sec. 4, Fig. 1 and 2)
+MODEL: str = "capsnet"  # capsnet: the paper's; efficient-capsnet: Mazzia et al. 2021, self-attention routing (capsnet/efficient.py)
 CONV1_CHANNELS: int = 256  # Conv1 filters, 9x9, stride 1 (paper, sec. 4)
 PRIMARY_CAPS: int = 32  # primary capsule types (channels of 8-D capsules) on the 6x6 grid
 PRIMARY_DIM: int = 8  # dimension of a primary capsule
@@ -111,6 +113,7 @@ BATCH_SIZE: int = 100  # training batch size (the paper does not give one; 100 i
 EVAL_BATCH_SIZE: int = 100  # test batch size (on the 2-core CPU, 100 evaluated faster than 250 or 500)
 LR: float = 1e-3  # Adam learning rate (paper: TensorFlow's Adam defaults)
 LR_DECAY: float = 0.96  # exponential decay of the learning rate per epoch (see lr_decay_note below)
+LR_MIN: float = 0.0  # the learning rate decays no lower than this (Efficient-CapsNet's code: 5e-5)
 # speed: the same mathematics, computed faster (results/README.md)
 AMP: bool = True  # bf16 autocast for the convolutions and decoder where the device supports bf16
 COMPILE: str = "auto"  # torch.compile the capsule part: auto (keep it if it trains faster here), on, off
@@ -144,6 +147,10 @@ PRESETS = {
     # types with zero logits (the convolution x 1/32, plus a bias), and truncated-normal weights
     # with biases of 0.1. Training stays as set: combine with a schedule, --preset mnist-2h,authors.
     "authors": {"MARGIN_REDUCTION": "half-mean", "DIGIT_CAPS_BIAS": True, "PRIMARY_SCALE": 1 / 32, "INIT": "authors"},
+    # Efficient-CapsNet's MNIST recipe (EscVM/Efficient-CapsNet config.json, utils/tools.py): Adam at
+    # 5e-4, x0.97 per epoch down to 5e-5, batch 16, 150 epochs, their augmentation instead of the shift
+    "efficient-capsnet": {"MODEL": "efficient-capsnet", "AUGMENT": "efficient", "MAX_SHIFT": 0, "LR": 5e-4,
+                          "LR_DECAY": 0.97, "LR_MIN": 5e-5, "BATCH_SIZE": 16, "EPOCHS": 150},
 }
 
 
@@ -290,6 +297,15 @@ def capsule_layer(W, u, iterations, record, children_last=False, leaky=False, bi
     return v.transpose(0, 1), c.permute(1, 2, 0), (torch.stack(changes) if record else None)
 
 
+def make_decoder(kind, inputs, hidden, channels, size):
+    """The masked capsules (B, inputs) -> pixels: Fig. 2's fully connected decoder (fc), or
+    ethanleet/CapsNet's transposed convolutions (deconv, capsnet/decoders.py)."""
+    if kind == "deconv":
+        return DeconvDecoder(inputs, channels, size)
+    return nn.Sequential(nn.Linear(inputs, hidden[0]), nn.ReLU(inplace=True), nn.Linear(hidden[0], hidden[1]),
+                         nn.ReLU(inplace=True), nn.Linear(hidden[1], channels * size * size), nn.Sigmoid())
+
+
 class CapsuleNet(nn.Module):
     """Conv1 -> PrimaryCaps -> DigitCaps (routing) -> lengths, plus the masked decoder (Fig. 1, 2)."""
 
@@ -316,11 +332,7 @@ class CapsuleNet(nn.Module):
         self.num_primary = primary_caps * grid * grid  # I = 1152
         # W_ij (E x D) for every parent j and child i: (J, I, E, D); small initialisation.
         self.W = nn.Parameter(w_init_std * torch.randn(num_classes, self.num_primary, digit_dim, primary_dim))
-        self.decoder = nn.Sequential(
-            nn.Linear(digit_dim * num_classes, decoder_hidden[0]), nn.ReLU(inplace=True),
-            nn.Linear(decoder_hidden[0], decoder_hidden[1]), nn.ReLU(inplace=True),
-            nn.Linear(decoder_hidden[1], in_channels * image_size * image_size), nn.Sigmoid(),
-        ) if decoder == "fc" else DeconvDecoder(digit_dim * num_classes, in_channels, image_size)
+        self.decoder = make_decoder(decoder, digit_dim * num_classes, decoder_hidden, in_channels, image_size)
         self.conv1_leaky = conv1_leaky
         self.primary_scale = primary_scale
         # the authors' code adds a bias to s_j, starting at 0.1 (its bias_variable)
@@ -423,6 +435,11 @@ class CapsuleNet(nn.Module):
         return lengths, torch.stack([self.decode(v, classes[:, k]) for k in range(classes.shape[1])], 1)
 
 
+class EfficientCapsNet(EfficientBody):
+    """Efficient-CapsNet (capsnet/efficient.py) with CapsuleNet's class scores (lengths) and masked decoder."""
+    forward, decode = CapsuleNet.forward, CapsuleNet.decode
+
+
 # ---- loss (eq. 4, sec. 4.1); model, loss and optimizer built from the constants ----
 class CapsuleLoss(nn.Module):
     """Margin loss (eq. 4) summed over classes + RECON_WEIGHT x summed squared error, batch mean.
@@ -460,6 +477,11 @@ def build_model(cfg):
     where nothing is decided yet (the constants alone), the data set's usual shape (MNIST's)."""
     if not cfg["IMAGE_SIZE"] or not cfg["IMAGE_CHANNELS"] or not cfg["NUM_CLASSES"]:
         cfg = nominal_data_settings(dict(cfg), DATASETS[cfg["DATASET"]])
+    if cfg["MODEL"] == "efficient-capsnet":
+        size, channels, classes = input_size(cfg), cfg["IMAGE_CHANNELS"], cfg["NUM_CLASSES"]
+        decoder = make_decoder(cfg["DECODER"], cfg["DIGIT_DIM"] * classes, (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
+                               channels, size)
+        return EfficientCapsNet(decoder, classes, size, channels, cfg["DIGIT_DIM"])
     return CapsuleNet(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
                       cfg["NUM_CLASSES"], cfg["KERNEL_SIZE"], cfg["ROUTING_ITERATIONS"], cfg["W_INIT_STD"],
                       cfg["ROUTING_LEAKY"], (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
@@ -496,7 +518,8 @@ def model_line(model, device, amp, data, cfg=None):
     """The start-up line: the model, the device, the arithmetic and why (amp_choice's text), the data,
     and the authors' choices that are on."""
     choices = authors_choices(cfg) if cfg is not None else []
-    return (f"CapsNet: {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
+    name = "Efficient-CapsNet" if isinstance(model, EfficientBody) else "CapsNet"
+    return (f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
             f"({amp}); {data.name}: {data.describe()}, "
             f"{data.channels}x{data.image_size}x{data.image_size} input, {model.grid}x{model.grid} grid of "
             f"{model.num_primary:,} primary capsules, {model.num_classes} classes"
@@ -511,7 +534,7 @@ class BatchLoss:
     (B, 2), parts uint8 (B, 2, H, W)): then the decoder runs once per digit, masked by that digit's
     capsule (in training the labels', at test the two longest, matched to the labels by
     matched_predictions), and each reconstruction is compared with its own digit's image.
-    Training images get their per-image random shift here, on the device; test images never do.
+    Training images get their per-image random shift (and AUGMENT) here, on the device; test images never do.
 
     Under torchrun (`dist` enabled, `ddp` the DistributedDataParallel wrapper of `model`) a
     training sample is the global batch: its shifts are drawn for the whole batch, as one process
@@ -521,12 +544,13 @@ class BatchLoss:
     `last` holds (this process's mean loss, its labels) of the latest call, for the meters."""
 
     def __init__(self, model, loss_fn, device, dtype, max_shift, channels_last, dist=None, ddp=None, crop=0,
-                 flip=False):
+                 flip=False, augment="none"):
         self.model, self.loss_fn = model, loss_fn
         self.device, self.dtype = device, dtype
         self.max_shift, self.channels_last = max_shift, channels_last
         self.dist, self.ddp = dist, ddp
         self.crop, self.flip = crop, flip  # CIFAR10 and smallNORB: random crops (and flips) in training
+        self.augment = augment  # AUGMENT: "efficient" adds Efficient-CapsNet's augmentation in training
         self.last = None
 
     def __call__(self, sample):
@@ -534,6 +558,8 @@ class BatchLoss:
         images = to_float_images(sample[0], 0 if training else self.crop)
         if training:
             images = random_shift(images, self.max_shift)
+            if self.augment == "efficient":
+                images = efficient_augment(images)
             if self.crop or self.flip:
                 images = random_crop_flip(images, self.crop or images.shape[-1], self.flip)
         batch = len(images)
@@ -584,7 +610,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.network = BatchLoss(model, build_loss(cfg), device, self.dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
-                               dist, ddp, cfg["CROP_SIZE"], cfg["FLIP"])
+                               dist, ddp, cfg["CROP_SIZE"], cfg["FLIP"], cfg["AUGMENT"])
         self.data, self.train_batches = data, data.train
         self.test_batches = data.test.shard(dist.rank, dist.world)  # each process tests its part
         self.start_epoch, self.best_accuracy = start_epoch, best_accuracy
@@ -651,13 +677,14 @@ class Trainer:
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
             self.diverged(state["epoch"], None)  # a non-finite gradient in the last step
         train_seconds = time.perf_counter() - self.epoch_started
-        train_seconds = time.perf_counter() - self.epoch_started
         self.model.record_routing = False
         changes = torch.stack(self.model.logit_changes).mean(0).tolist() if self.model.logit_changes else []
         self.model.logit_changes = []
         self.finish_pass("train")
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        for group in self.optimizer.param_groups:  # LR_MIN: the decay stops there
+            group["lr"] = max(group["lr"], self.cfg["LR_MIN"])
         test_seconds = self.evaluate()
         row = self.metrics_row(state["epoch"], lr, train_seconds, test_seconds, changes)
         self.end_epoch(state, row)
@@ -844,7 +871,7 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None):
         inside = f", batch {part['batch']} of epoch {start_epoch + 1}" if part else ""
         print(f"resumed from epoch {start_epoch}{inside} (best test accuracy so far {best:.2f}%) in {cfg['RUN_DIR']}")
         if cfg["LR"] != ckpt["config"]["LR"]:  # --lr given now: the schedule restarts from it
-            rate = cfg["LR"] * cfg["LR_DECAY"] ** start_epoch
+            rate = max(cfg["LR"] * cfg["LR_DECAY"] ** start_epoch, cfg["LR_MIN"])
             for group in optimizer.param_groups:
                 group["lr"] = rate
             scheduler.base_lrs = [cfg["LR"]] * len(optimizer.param_groups)
@@ -937,45 +964,12 @@ def member_config(cfg, ckpt):
 
 
 def run_visualize(cfg, ckpt):
-    from torchvision.utils import save_image
-
+    """--visualize: the figures of the checkpoint's model and of its run's metrics (write_figures)."""
     device, _ = setup_process(cfg)
     data = load_data(cfg, device, DATASETS[cfg["DATASET"]], train=False)
     model = build_model(cfg).to(device)
     load_weights(model, ckpt["model"])
-    out = cfg["RUN_DIR"]
-    os.makedirs(out, exist_ok=True)
-    written = []
-    if data.objects == 1:
-        test_images, test_labels = data.test.first_rows(data.test.rows)
-        figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"], cfg["CROP_SIZE"])
-        _, digit_labels = one_per_class(test_images, test_labels, cfg["NUM_CLASSES"])
-        for grid, label in zip(figures["fig4_per_digit"], digit_labels.tolist()):
-            written.append(os.path.join(out, f"fig4_digit{label}.png"))
-            save_image(grid, written[-1])
-        for name in ("class_masks", "couplings"):
-            written.append(os.path.join(out, f"{name}.png"))
-            save_image(figures[name], written[-1])
-        if importlib.util.find_spec("matplotlib") is not None:  # the rotation sweep, one test image per class
-            written.append(os.path.join(out, "rotation.png"))
-            rotation_png(model, test_images, test_labels, cfg["CLASS_NAMES"] or list(range(cfg["NUM_CLASSES"])),
-                         cfg["CROP_SIZE"], written[-1])
-    else:  # Fig. 5: pairs of the fixed test set and their reconstructions
-        written.append(os.path.join(out, "fig5.png"))
-        tiles = fig5_tiles(model, *data.test.first_rows(min(cfg["RECON_IMAGES"], data.test.rows))[:2])
-        if importlib.util.find_spec("matplotlib") is None:
-            save_image(tiles["grid"], written[-1])  # the same tiles, without the labels written on them
-        else:
-            plot_fig5_png(tiles, written[-1])
-    rows = read_metrics(out)
-    if rows and importlib.util.find_spec("matplotlib") is None:
-        print("warning: matplotlib is not installed, so curves.png and routing_logit_change.png are not drawn "
-              "(pip install matplotlib)", file=sys.stderr)
-    elif rows:
-        written.append(os.path.join(out, "curves.png"))
-        plot_curves_png(rows, written[-1])
-        if plot_routing_png(rows, os.path.join(out, "routing_logit_change.png")):
-            written.append(os.path.join(out, "routing_logit_change.png"))
+    written = write_figures(model, data, cfg, cfg["RUN_DIR"])
     print("wrote " + ", ".join(written))
     return written
 
@@ -1019,9 +1013,9 @@ def run_predict(cfg, ckpt, paths):
     return predictions
 
 
-MODEL_KEYS = ("DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAMES", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
+MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAMES", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
               "ROUTING_ITERATIONS", "ROUTING_LEAKY", "W_INIT_STD", "INIT", "PRIMARY_SCALE", "DIGIT_CAPS_BIAS", "DECODER", "CONV1_LEAKY", "DECODER_HIDDEN1", "DECODER_HIDDEN2",
-              "M_PLUS", "M_MINUS", "LAMBDA_ABSENT", "RECON_WEIGHT")  # what an exported model carries: shape, loss
+              "M_PLUS", "M_MINUS", "LAMBDA_ABSENT", "RECON_WEIGHT", "MARGIN_REDUCTION")  # what an exported model carries: shape, loss
 
 
 def export_weights(ckpt, cfg, path):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from capsnet.decoders import deconv_base_grid
+from capsnet.efficient import efficient_grid
 from capsnet.runtime import UsageError, part_of
 
 MULTIMNIST_CANVAS = 36  # paper, sec. 6: a 28x28 digit shifted by up to 4 px in a 36x36 image
@@ -582,7 +583,11 @@ def validate_shape(cfg):
     if cfg["CROP_SIZE"] > cfg["IMAGE_SIZE"]:
         raise UsageError(f"--crop-size {cfg['CROP_SIZE']} is larger than the {cfg['IMAGE_SIZE']}x{cfg['IMAGE_SIZE']} "
                          f"images")
-    if size < smallest:
+    if cfg.get("MODEL") == "efficient-capsnet":
+        if efficient_grid(size) < 1:
+            raise UsageError(f"{size}x{size} images are too small for Efficient-CapsNet's four convolutions: the "
+                             f"smallest size that works is 11x11 (--image-size 11 or more)")
+    elif size < smallest:
         raise UsageError(f"{size}x{size} images are too small for Conv1 and PrimaryCaps ({cfg['KERNEL_SIZE']}x"
                          f"{cfg['KERNEL_SIZE']} kernels, stride 2): the smallest size that works is {smallest}x"
                          f"{smallest} (--image-size {smallest} or more)")

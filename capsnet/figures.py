@@ -2,13 +2,15 @@
 every class mask, routing couplings, Fig. 5 (MultiMNIST), and the PNG charts of a run's metrics."""
 
 import importlib.util
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from capsnet.data import to_float_images
 from capsnet.meters import matched_predictions
-from capsnet.runtime import autocast
+from capsnet.runtime import autocast, read_metrics
 
 
 @torch.no_grad()
@@ -302,3 +304,44 @@ def class_rotation(model, images_u8, labels, class_names, crop, most=10):
 def rotation_png(model, images_u8, labels, class_names, crop, path):
     """class_rotation drawn as a PNG."""
     plot_rotation_png(*class_rotation(model, images_u8, labels, class_names, crop), class_names, path)
+
+
+def write_figures(model, data, cfg, out):
+    """--visualize's PNG files in `out` -> their paths: Fig. 4 per class, class masks, couplings and
+    the rotation sweep (one-object data), or Fig. 5 (two digits); curves and routing from out's
+    metrics.jsonl. Without matplotlib, what needs it is left out, with one warning."""
+    from torchvision.utils import save_image
+
+    os.makedirs(out, exist_ok=True)
+    written = []
+    if data.objects == 1:
+        test_images, test_labels = data.test.first_rows(data.test.rows)
+        figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"], cfg["CROP_SIZE"])
+        _, digit_labels = one_per_class(test_images, test_labels, cfg["NUM_CLASSES"])
+        for grid, label in zip(figures["fig4_per_digit"], digit_labels.tolist()):
+            written.append(os.path.join(out, f"fig4_digit{label}.png"))
+            save_image(grid, written[-1])
+        for name in ("class_masks", "couplings"):
+            written.append(os.path.join(out, f"{name}.png"))
+            save_image(figures[name], written[-1])
+        if importlib.util.find_spec("matplotlib") is not None:  # the rotation sweep, one test image per class
+            written.append(os.path.join(out, "rotation.png"))
+            rotation_png(model, test_images, test_labels, cfg["CLASS_NAMES"] or list(range(cfg["NUM_CLASSES"])),
+                         cfg["CROP_SIZE"], written[-1])
+    else:  # Fig. 5: pairs of the fixed test set and their reconstructions
+        written.append(os.path.join(out, "fig5.png"))
+        tiles = fig5_tiles(model, *data.test.first_rows(min(cfg["RECON_IMAGES"], data.test.rows))[:2])
+        if importlib.util.find_spec("matplotlib") is None:
+            save_image(tiles["grid"], written[-1])  # the same tiles, without the labels written on them
+        else:
+            plot_fig5_png(tiles, written[-1])
+    rows = read_metrics(out)
+    if rows and importlib.util.find_spec("matplotlib") is None:
+        print("warning: matplotlib is not installed, so curves.png and routing_logit_change.png are not drawn "
+              "(pip install matplotlib)", file=sys.stderr)
+    elif rows:
+        written.append(os.path.join(out, "curves.png"))
+        plot_curves_png(rows, written[-1])
+        if plot_routing_png(rows, os.path.join(out, "routing_logit_change.png")):
+            written.append(os.path.join(out, "routing_logit_change.png"))
+    return written

@@ -74,8 +74,8 @@ class VisdomPlots:
                     self.recon = window("image", FIG5_TITLE)
                 self.fig4 = window("image", "Fig. 4: each of the 16 dimensions perturbed by -0.25..0.25")
                 self.masks = window("image", "reconstruction under every class mask (rows: digits, cols: masks)")
-                self.couplings = window("image", "couplings c_ij of one test image (per class: 32 types x 6x6; "
-                                                 "min black, max white)")
+                self.couplings = window("image", "couplings c_ij of one test image (per class: the primary capsule "
+                                                 "types on their grid; min black, max white)")
                 self.rotation = window("image", "rotation sweep: capsule lengths of a test image per class turned "
                                                 "through 360 degrees, reconstructions beneath")
             self.loggers = [self.loss, self.accuracy, self.lr, self.routing, self.live_loss, self.live_accuracy,

@@ -233,7 +233,7 @@ def test_reconstruction_image_shows_sixteen_test_images_over_their_reconstructio
 @pytest.mark.parametrize("title", [
     "Fig. 4: each of the 16 dimensions perturbed by -0.25..0.25",
     "reconstruction under every class mask (rows: digits, cols: masks)",
-    "couplings c_ij of one test image (per class: 32 types x 6x6; min black, max white)",
+    "couplings c_ij of one test image (per class: the primary capsule types on their grid; min black, max white)",
     "rotation sweep: capsule lengths of a test image per class turned through 360 degrees, reconstructions beneath",
 ])
 def test_capsule_figures_are_sent_every_epoch(logged_run, title):
