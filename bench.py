@@ -4,13 +4,14 @@ gram-ai-structured baseline, on synthetic data.
     python bench.py                     # the trainer's default mode, batch 100, with the baseline
     python bench.py --no-amp --json out.json
     python bench.py --compile-vs-eager  # the compiled and the eager capsule layer, side by side
+    python bench.py --model efficient-capsnet --batch-size 16   # Efficient-CapsNet, its recipe's batch
 
 It accepts every flag of capsule_network.py that shapes a training step (--device,
 --batch-size, --no-amp, --compile ...) and times exactly what the trainer runs: its model,
 loss, optimizer and BatchLoss, one training step being what torchnet's Engine does per batch.
 Three programs take turns in rounds, so that a slow minute of a shared machine hits all alike:
-  this project's default mode, in this process;
-  CapsuleNet + CapsuleLoss + Adam called directly in fp32, in a fresh process ("direct");
+  this project's default mode (of --model, the paper's CapsNet by default), in this process;
+  the paper's CapsuleNet + CapsuleLoss + Adam called directly in fp32, in a fresh process ("direct");
   a CapsNet laid out like gram-ai/capsule-networks, in a fresh process ("baseline").
 Measured results and the commands behind them are in README.md and results/README.md.
 """
@@ -322,6 +323,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     errors = {f"{kind}_error": w.error for kind, w in started.items() if w.error}  # e.g. a MemoryError
     result = {
         "device": str(device), "device_name": device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
+        "model": cfg["MODEL"], "decoder": cfg["DECODER"], "parameters": sum(p.numel() for p in model.parameters()),
         "dataset": cfg["DATASET"], "input": f"{model.image_size}x{model.image_size}", "channels": model.in_channels,
         "classes": model.num_classes,
         "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
@@ -337,7 +339,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         "torch": torch.__version__,
         **errors,
     }
-    print(f"device {result['device_name']}, {result['dtype']}, {cfg['DATASET']} {model.in_channels}x{result['input']} "
+    print(f"{cfg['MODEL']} ({cfg['DECODER']} decoder, {result['parameters']:,} parameters), device "
+          f"{result['device_name']}, {result['dtype']}, {cfg['DATASET']} {model.in_channels}x{result['input']} "
           f"({model.num_classes} classes), "
           f"batch {cfg['BATCH_SIZE']} (eval "
           f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} "

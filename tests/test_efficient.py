@@ -1,6 +1,7 @@
 """MODEL = "efficient-capsnet" (capsnet/efficient.py): Mazzia et al.'s Efficient-CapsNet, its
 squash, self-attention routing and augmentation, and the trainer's features with it."""
 
+import json
 import math
 import os
 
@@ -242,3 +243,33 @@ def test_settings_it_cannot_take_are_one_line(tiny_mnist, tmp_path, args, messag
     done = run_main(train_args(tiny_mnist["root"], str(tmp_path / "run"), *EFFICIENT, *args))
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, \
         describe(done)
+
+
+def test_bench_times_efficient_capsnet_against_both_capsnets(tmp_path):
+    """bench.py --model efficient-capsnet: this model is Efficient-CapsNet (its parameters in the
+    JSON), timed beside the paper's CapsNet used directly and the gram-ai-structured baseline."""
+    from test_benchmark import TINY, run_bench
+
+    out = tmp_path / "eff.json"
+    done = run_bench(TINY + ["--model", "efficient-capsnet", "--augment", "efficient", "--json", out], tmp_path)
+    assert done.returncode == 0, describe(done)
+    with open(out, encoding="utf-8") as f:
+        result = json.load(f)
+    assert (result["model"], result["parameters"]) == ("efficient-capsnet", 1_573_168)
+    for kind in ("", "direct_", "baseline_"):
+        assert result[f"{kind}train_images_per_s"] > 0, kind
+    assert result["train_speedup"] == pytest.approx(result["train_images_per_s"] / result["baseline_train_images_per_s"],
+                                                    rel=2e-3, abs=0.006)
+
+
+def test_two_processes_train_and_resume_it(tiny_mnist, tmp_path):
+    """torchrun: each process's batch norm sees its share of the batch (DDP keeps rank 0's running
+    statistics), so two processes are not bit-equal to one; they train, write one checkpoint, and
+    a checkpoint of two continues in one."""
+    from test_distributed import torchrun
+
+    run = str(tmp_path / "two")
+    done = torchrun(train_args(tiny_mnist["root"], run, *EFFICIENT, "--train-size", 40, "--test-size", 20, epochs=1))
+    assert done.returncode == 0 and done.stdout.count("epoch 1/1") == 1, describe(done)
+    done = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", 2])
+    assert done.returncode == 0 and [r["epoch"] for r in read_rows(run)] == [1, 2], describe(done)
