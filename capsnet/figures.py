@@ -76,7 +76,8 @@ def visual_figures(model, images_u8, labels, num_classes, crop=0, most=10):
     masks = for_display(class_mask_grid(model, x))  # (K, J, C, H, W)
     maps = coupling_maps(model, x[:1]).float().cpu()  # (J, T, 6, 6)
     scaled = (maps - maps.min()) / (maps.max() - maps.min()).clamp_min(1e-12)  # smallest black, largest white
-    panels = [make_grid(F.interpolate(m.unsqueeze(1), scale_factor=4, mode="nearest"), nrow=8, padding=1,
+    scale = max(4, 24 // maps.shape[-1])  # a 6x6 grid 4x; a 1x1 one (Efficient-CapsNet) 24x
+    panels = [make_grid(F.interpolate(m.unsqueeze(1), scale_factor=scale, mode="nearest"), nrow=8, padding=1,
                         pad_value=0.3) for m in scaled]
     model.train(was_training)
     return {
