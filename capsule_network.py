@@ -820,8 +820,13 @@ class Trainer:
         self.visdom.log_epoch(epoch, row, self.meters["test"]["confusion"].value(), grid, figures, caption)
 
     def train(self, epochs):
-        with stop_signals() as self.stop:
-            self.engine.train(self.network, self.train_batches, epochs, self.optimizer)
+        finished = False
+        try:
+            with stop_signals() as self.stop:
+                self.engine.train(self.network, self.train_batches, epochs, self.optimizer)
+            finished = True
+        finally:  # what is queued for Visdom goes out (briefly, if the run stops on an error or signal)
+            self.visdom.flush(60.0 if finished else 5.0)
 
 
 def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None):

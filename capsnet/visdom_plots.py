@@ -4,8 +4,10 @@ one warning line and no plots."""
 import contextlib
 import io
 import logging
+import queue
 import socket
 import sys
+import threading
 
 
 def visdom_reachable(server, port, timeout=1.0):
@@ -33,10 +35,14 @@ FIG5_TITLE = ("Fig. 5: test pairs (top), reconstructions from the two longest ca
 
 class VisdomPlots:
     """Live plots through torchnet's Visdom loggers. Checked once at start; if the server is not
-    there, or stops answering later, one warning line and training goes on without it."""
+    there, or stops answering later, one warning line and training goes on without it.
+    The requests go out from a thread of their own, in order: training never waits for the
+    server (on a GPU, four requests every PROGRESS_EVERY steps would stall it); flush() waits
+    until everything queued has been sent."""
 
     def __init__(self, cfg, objects=1):
         self.enabled = False
+        self.sending = None  # the queue of the sender thread, once there is something to send
         if not cfg["VISDOM"]:
             return
         server, port, env = cfg["VISDOM_SERVER"], cfg["VISDOM_PORT"], cfg["VISDOM_ENV"]
@@ -89,10 +95,40 @@ class VisdomPlots:
         self.url = f"http://{server}:{port}/env/{env}"
         print(f"Visdom: plots at {self.url}")
 
+    def _send(self, request):
+        """Queue `request` (a callable) for the sender thread; it runs them one after another."""
+        if self.sending is None:
+            self.sending = queue.Queue()
+            threading.Thread(target=self._sender, name="visdom", daemon=True).start()
+        self.sending.put(request)
+
+    def _sender(self):
+        while True:
+            request = self.sending.get()
+            try:
+                if self.enabled:
+                    request()  # (not under redirect_stdout: that would swallow the training thread's lines)
+            except Exception as e:  # a server that went away: warn once, keep training
+                self._fail(e)
+            finally:
+                self.sending.task_done()
+
+    def flush(self, timeout=60.0):
+        """Wait (at most `timeout` seconds) until every queued request has been sent."""
+        if self.sending is None:
+            return
+        done = threading.Thread(target=self.sending.join, daemon=True)
+        done.start()
+        done.join(timeout)
+
     def _fail(self, error):
+        if not self.enabled:
+            return
         self.enabled = False
-        print(f"warning: Visdom stopped answering ({type(error).__name__}); training goes on without live "
-              f"plots", file=sys.stderr)
+        from tqdm import tqdm  # tqdm.write: on a line of its own, above a progress bar being drawn
+
+        tqdm.write(f"warning: Visdom stopped answering ({type(error).__name__}); training goes on without live "
+                   f"plots", file=sys.stderr)
 
     def _lines(self, logger, epoch, values):
         """Append one point per named series; create the window with a legend the first time."""
@@ -107,38 +143,31 @@ class VisdomPlots:
 
     def log_progress(self, epoch, loss, accuracy):
         """One point per live window at fractional epoch `epoch` (every PROGRESS_EVERY batches)."""
-        if not self.enabled:
-            return
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                self._lines(self.live_loss, epoch, {"train": loss})
-                self._lines(self.live_accuracy, epoch, {"train": accuracy})
-        except Exception as e:  # a server that went away: warn once, keep training
-            self._fail(e)
+        if self.enabled:
+            self._send(lambda: (self._lines(self.live_loss, epoch, {"train": loss}),
+                                self._lines(self.live_accuracy, epoch, {"train": accuracy})))
 
     def log_epoch(self, epoch, row, confusion, recon_grid, figures=None, recon_caption=None):
-        if not self.enabled:
-            return
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                self._lines(self.loss, epoch, {"train": row["train_loss"], "test": row["test_loss"]})
-                accuracy = {"train": row["train_accuracy"], "test": row["test_accuracy"]}
-                if "test_accuracy_any" in row:  # two-digit images: train and test are both digits right
-                    accuracy["test, at least one digit"] = row["test_accuracy_any"]
-                self._lines(self.accuracy, epoch, accuracy)
-                self._lines(self.lr, epoch, {"lr": row["lr"]})
-                if row.get("routing_logit_change"):
-                    self._lines(self.routing, epoch, {f"iteration {k + 1}": value for k, value in
-                                                      enumerate(row["routing_logit_change"])})
-                self.confusion.log(confusion)
-                if recon_caption:
-                    self.recon.opts = dict(self.recon.opts, caption=recon_caption)
-                self.recon.log(recon_grid.numpy())
-                if figures:
-                    self.fig4.log(figures["fig4"].numpy())
-                    self.masks.log(figures["class_masks"].numpy())
-                    self.couplings.log(figures["couplings"].numpy())
-                    if "rotation" in figures:
-                        self.rotation.log(figures["rotation"].numpy())
-        except Exception as e:  # a server that went away: warn once, keep training
-            self._fail(e)
+        if self.enabled:
+            self._send(lambda: self._epoch_requests(epoch, row, confusion, recon_grid, figures, recon_caption))
+
+    def _epoch_requests(self, epoch, row, confusion, recon_grid, figures, recon_caption):
+        self._lines(self.loss, epoch, {"train": row["train_loss"], "test": row["test_loss"]})
+        accuracy = {"train": row["train_accuracy"], "test": row["test_accuracy"]}
+        if "test_accuracy_any" in row:  # two-digit images: train and test are both digits right
+            accuracy["test, at least one digit"] = row["test_accuracy_any"]
+        self._lines(self.accuracy, epoch, accuracy)
+        self._lines(self.lr, epoch, {"lr": row["lr"]})
+        if row.get("routing_logit_change"):
+            self._lines(self.routing, epoch, {f"iteration {k + 1}": value for k, value in
+                                              enumerate(row["routing_logit_change"])})
+        self.confusion.log(confusion)
+        if recon_caption:
+            self.recon.opts = dict(self.recon.opts, caption=recon_caption)
+        self.recon.log(recon_grid.numpy())
+        if figures:
+            self.fig4.log(figures["fig4"].numpy())
+            self.masks.log(figures["class_masks"].numpy())
+            self.couplings.log(figures["couplings"].numpy())
+            if "rotation" in figures:
+                self.rotation.log(figures["rotation"].numpy())

@@ -309,3 +309,32 @@ def test_server_that_goes_away_mid_run_gives_one_warning(tiny_mnist, tmp_path):
     warnings = visdom_warnings(err)
     assert len(warnings) == 1 and warnings[0].startswith("warning: Visdom stopped answering"), warnings
     assert [r["epoch"] for r in read_rows(run_dir)] == [1, 2, 3]
+
+
+def test_requests_leave_from_a_thread_of_their_own_in_order(capsys):
+    """log_progress returns at once while the server is slow; flush() waits until the queued
+    requests went out, in the order logged; a request that fails is one warning, and what was
+    queued after it is dropped."""
+    plots = visdom_plots.VisdomPlots({"VISDOM": False})
+    plots.enabled, plots.live_loss, plots.live_accuracy = True, "loss window", "accuracy window"
+    sent = []
+
+    def slow_lines(logger, epoch, values):
+        time.sleep(0.2)
+        if epoch == 3:
+            raise ConnectionError("gone")
+        sent.append((logger, epoch))
+
+    plots._lines = slow_lines
+    started = time.perf_counter()
+    for epoch in (1, 2):
+        plots.log_progress(epoch, 0.5, 90.0)
+    assert time.perf_counter() - started < 0.15 and sent == []
+    plots.flush()
+    assert sent == [("loss window", 1), ("accuracy window", 1), ("loss window", 2), ("accuracy window", 2)]
+    plots.log_progress(3, 0.5, 90.0)
+    plots.log_progress(4, 0.5, 90.0)
+    plots.flush()
+    assert len(sent) == 4 and not plots.enabled
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: Visdom stopped answering (ConnectionError); training goes on without live plots"]
