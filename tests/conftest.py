@@ -87,6 +87,18 @@ def tiny_mnist(tmp_path_factory):
     return write_mnist(str(tmp_path_factory.mktemp("mnist")))
 
 
+@pytest.fixture(scope="session")
+def real_digits(tmp_path_factory):
+    """The first 200 MNIST test digits as the test split of a data folder (the training split:
+    tiny synthetic digits, which --eval-only does not read)."""
+    fixture = np.load(os.path.join(ROOT, "tests", "fixtures", "mnist-test-first200.npz"))
+    root = str(tmp_path_factory.mktemp("real"))
+    raw = write_mnist(root)["raw"]
+    write_idx_images(os.path.join(raw, "t10k-images-idx3-ubyte"), fixture["images"])
+    write_idx_labels(os.path.join(raw, "t10k-labels-idx1-ubyte"), fixture["labels"])
+    return root
+
+
 @pytest.fixture
 def fresh_mnist(tmp_path):
     """A private copy of tiny MNIST that a test may damage."""

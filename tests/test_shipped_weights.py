@@ -5,11 +5,10 @@ digits (the first 200 of the test set, committed in tests/fixtures) as the run d
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, cn, write_idx_images, write_idx_labels, write_mnist
+from conftest import ROOT, cn
 from capsnet import data, runtime  # noqa: E402
 
 SHIPPED = os.path.join(ROOT, "results", "capsnet-mnist.pt")
@@ -47,18 +46,6 @@ def test_it_loads_into_the_model_built_from_it_and_evaluates_random_images(shipp
     with torch.no_grad():
         blank, _ = model(torch.zeros(1, 1, 28, 28))
     assert float(blank.max()) < 0.9
-
-
-@pytest.fixture(scope="module")
-def real_digits(tmp_path_factory):
-    """The first 200 MNIST test digits as the test split of a data folder (the training split:
-    tiny synthetic digits, which --eval-only does not read)."""
-    fixture = np.load(os.path.join(ROOT, "tests", "fixtures", "mnist-test-first200.npz"))
-    root = str(tmp_path_factory.mktemp("real"))
-    raw = write_mnist(root)["raw"]
-    write_idx_images(os.path.join(raw, "t10k-images-idx3-ubyte"), fixture["images"])
-    write_idx_labels(os.path.join(raw, "t10k-labels-idx1-ubyte"), fixture["labels"])
-    return root
 
 
 def test_eval_only_of_the_shipped_file_classifies_real_digits(real_digits, tmp_path):
