@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from capsnet import efficient
-from conftest import cn, describe, load_pt, read_rows, run_main, train_args
+from conftest import ROOT, cn, describe, load_pt, read_rows, run_main, train_args
 
 EFFICIENT = ["--model", "efficient-capsnet"]
 
@@ -273,3 +273,24 @@ def test_two_processes_train_and_resume_it(tiny_mnist, tmp_path):
     assert done.returncode == 0 and done.stdout.count("epoch 1/1") == 1, describe(done)
     done = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", 2])
     assert done.returncode == 0 and [r["epoch"] for r in read_rows(run)] == [1, 2], describe(done)
+
+
+SHIPPED = os.path.join(ROOT, "results", "efficient-capsnet-mnist.pt")
+
+
+def test_the_shipped_weights_are_the_runs_final_epoch_and_classify_real_digits(real_digits, tmp_path):
+    """results/efficient-capsnet-mnist.pt (the complete MNIST run, results/README.md): fp16
+    weights of its final epoch (42) with the model's constants, about 3 MB; --eval-only on the
+    first 200 real MNIST test digits gets at least 198 right (random weights: about 10%)."""
+    assert os.path.isfile(SHIPPED), f"{SHIPPED} is missing: it is part of the project (results/README.md)"
+    shipped = load_pt(SHIPPED)
+    assert os.path.getsize(SHIPPED) < 4 * 2**20 and shipped["epoch"] == 42
+    assert shipped["config"]["MODEL"] == "efficient-capsnet"
+    assert all(v.dtype == torch.float16 for v in shipped["model"].values() if v.is_floating_point())
+    done = run_main(["--eval-only", "--resume", SHIPPED, "--data-dir", real_digits, "--device", "cpu",
+                     "--run-dir", str(tmp_path / "eval"), "--no-visdom"])
+    assert done.returncode == 0, describe(done)
+    with open(tmp_path / "eval" / "eval.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert result["test_images"] == 200 and result["checkpoint_epoch"] == 42
+    assert result["test_accuracy"] >= 99.0 and result["test_loss"] < 0.03, result
