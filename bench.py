@@ -333,7 +333,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         "settings": {"amp": dtype is not None, "compile": "compiled vs eager" if compile_vs_eager else cfg["COMPILE"],
                      "capsule_layer": choice.choice if choice else "both",
                      "channels_last": cfg["CHANNELS_LAST"],
-                     "cpu_dft_conv": device.type == "cpu" and cfg["CPU_DFT_CONV"],
+                     "cpu_dft_conv": device.type == "cpu" and cfg["CPU_DFT_CONV"] and cfg["MODEL"] == "capsnet",
                      "cpu_malloc_tuning": bool(malloc_tuned), "threads": torch.get_num_threads(),
                      "cudnn_benchmark": device.type == "cuda", "tf32": device.type == "cuda"},
         "torch": torch.__version__,
