@@ -47,10 +47,12 @@ def meter_values(meters):
 
 
 class PassStats:
-    """Loss sum, correct count and per-batch outputs of one pass, kept on the device (no sync per
-    batch); handed to the torchnet meters once, at the end of the pass. With pair labels (B, 2)
-    "correct" is both digits right, "correct_any" at least one, and the confusion counts each
-    label against the capsule matched to it (matched_predictions)."""
+    """Loss sum, correct count and per-batch outputs of one pass, kept on the device; handed to the
+    torchnet meters once, at the end of the pass. A step only appends its loss, class scores and
+    labels to lists (no kernel, no sync); the sums are brought up to date in a few batched
+    operations when they are read (totals(): every PROGRESS_EVERY batches, and at the end of the
+    pass). With pair labels (B, 2) "correct" is both digits right, "correct_any" at least one, and
+    the confusion counts each label against the capsule matched to it (matched_predictions)."""
 
     def __init__(self, device):
         self.device = device
@@ -63,18 +65,33 @@ class PassStats:
         self.count = 0
         self.batch_losses, self.batch_sizes, self.outputs, self.targets = [], [], [], []
         self.first_nonfinite = torch.full((), -1, device=self.device, dtype=torch.long)  # batch index, -1: none
+        self.pending = []  # (lengths, labels) of the batches added since the sums were last brought up to date
 
     def add(self, loss, lengths, labels):
-        n = labels.shape[0]
-        bad = ~torch.isfinite(loss.detach())  # noted on the device; read at the next totals()
-        self.first_nonfinite.masked_fill_(bad & (self.first_nonfinite < 0), len(self.batch_losses))
-        self.loss_sum += loss.detach() * n
-        self.count += n
+        self.count += labels.shape[0]
         self.batch_losses.append(loss.detach())
-        self.batch_sizes.append(n)
+        self.batch_sizes.append(labels.shape[0])
+        self.pending.append((lengths.detach(), labels))
+
+    def fold(self):
+        """Bring the sums up to date with the batches added since the last call: one stack and a
+        few reductions over all of them."""
+        if not self.pending:
+            return
+        new = len(self.pending)
+        first = len(self.batch_losses) - new
+        losses = torch.stack(self.batch_losses[first:])
+        sizes = torch.tensor(self.batch_sizes[first:], device=losses.device, dtype=losses.dtype)
+        self.loss_sum += (losses.float() * sizes).sum()
+        bad = ~torch.isfinite(losses)
+        index = first + bad.int().argmax()  # the first batch whose loss was not finite, if any
+        self.first_nonfinite = torch.where((self.first_nonfinite < 0) & bad.any(), index, self.first_nonfinite)
+        lengths = torch.cat([p[0] for p in self.pending]).float()
+        labels = torch.cat([p[1] for p in self.pending])
+        self.pending = []
         if labels.dim() == 1:
             self.correct += (lengths.argmax(1) == labels).sum()
-            self.outputs.append(lengths.float())
+            self.outputs.append(lengths)
             self.targets.append(labels)
         else:
             both, any_right = two_digit_scores(lengths, labels)
@@ -85,6 +102,7 @@ class PassStats:
 
     def snapshot(self):
         """This pass so far, on the CPU (a mid-epoch checkpoint; what gather sends)."""
+        self.fold()
         losses = torch.stack(self.batch_losses) if self.batch_losses else self.loss_sum.new_zeros(0)
         return {"sums": torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype),
                                      self.correct_any.to(self.loss_sum.dtype)]).cpu(),
@@ -108,6 +126,7 @@ class PassStats:
     def totals(self):
         """(loss sum, correct count, images, index of the first batch whose loss was not finite or
         -1) so far: one device sync."""
+        self.fold()
         loss, correct, bad = torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype),
                                           self.first_nonfinite.to(self.loss_sum.dtype)]).tolist()
         return loss, correct, self.count, int(bad)
@@ -120,6 +139,7 @@ class PassStats:
 
     def feed(self, meters):
         """Hand the pass to pass_meters() meters."""
+        self.fold()
         if not self.count:
             return
         for loss, n in zip(torch.stack(self.batch_losses).tolist(), self.batch_sizes):
