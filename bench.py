@@ -4,6 +4,7 @@ gram-ai-structured baseline, on synthetic data.
     python bench.py                     # the trainer's default mode, batch 100, with the baseline
     python bench.py --no-amp --json out.json
     python bench.py --compile-vs-eager  # the compiled and the eager capsule layer, side by side
+    python bench.py --compile-vs-eager --compile step   # ... and the whole compiled step (always on CUDA)
     python bench.py --model efficient-capsnet --batch-size 16   # Efficient-CapsNet, its recipe's batch
 
 It accepts every flag of capsule_network.py that shapes a training step (--device,
@@ -294,9 +295,10 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         with torch.no_grad():
             network(eval_batch)
 
-    def with_layer(kind, step):  # the same model, with the compiled or the eager capsule layer
+    def with_layer(kind, step):  # the same model, with the compiled or the eager capsule layer, or the whole step
         def run():
-            model.use_compile(kind == "compiled")
+            model.use_compile(kind != "eager")
+            network.use_whole_step(kind == "step")
             step()
         return run
 
@@ -305,10 +307,11 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     workers = {kind: w for kind, w in workers.items() if w.request(None) is not None}
     if compile_vs_eager:
         choice = None
+        kinds = ("compiled", "eager") + ("step",) * (device.type == "cuda" or cfg["COMPILE"] == "step")
         programs = {kind: StepTimer(model, with_layer(kind, train_step), with_layer(kind, eval_step), device,
-                                    cfg["BENCHMARK_WARMUP"]) for kind in ("compiled", "eager")}
+                                    cfg["BENCHMARK_WARMUP"]) for kind in kinds}
     else:
-        choice = fast.CompileChoice(model, device, cfg["COMPILE"])
+        choice = fast.CompileChoice(model, device, cfg["COMPILE"], network=network)
         model.train()
         while choice.choice is None:  # COMPILE = "auto": the trainer's trial, on the benchmark's batch
             choice.before_step()
@@ -331,7 +334,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         "statistic": "median step",
         "peak_memory_mib": round(peak_memory_mib(device), 1),
         "settings": {"amp": dtype is not None, "compile": "compiled vs eager" if compile_vs_eager else cfg["COMPILE"],
-                     "capsule_layer": choice.choice if choice else "both",
+                     "capsule_layer": choice.choice if choice else "/".join(kinds),
                      "channels_last": cfg["CHANNELS_LAST"],
                      "cpu_dft_conv": device.type == "cpu" and cfg["CPU_DFT_CONV"] and cfg["MODEL"] == "capsnet",
                      "cpu_malloc_tuning": bool(malloc_tuned), "threads": torch.get_num_threads(),
@@ -348,9 +351,10 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     print("settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items()))
     labels = {"this": ("this model", ""), "compiled": ("compiled", "this model, compiled capsule layer"),
               "eager": ("eager", "this model, eager capsule layer"),
+              "step": ("whole step", "this model, the whole training step compiled"),
               "direct": ("direct fp32", "the paper's CapsuleNet + CapsuleLoss + Adam, own process"),
               "baseline": ("baseline", "gram-ai-structured, fp32, own process")}
-    for kind in ("this", "compiled", "eager", "direct", "baseline"):
+    for kind in ("this", "compiled", "eager", "step", "direct", "baseline"):
         if kind not in rates:
             continue
         train_ips, eval_ips = rates[kind]
@@ -371,6 +375,9 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         (ct, ce), (et, ee) = rates["compiled"], rates["eager"]
         result.update(compile_train_speedup=round(ct / et, 3), compile_eval_speedup=round(ce / ee, 3))
         print(f"compiled / eager: train {ct / et:.2f}x   eval {ce / ee:.2f}x")
+        if "step" in rates:
+            result.update(step_train_speedup=round(rates["step"][0] / et, 3))
+            print(f"whole step / eager: train {rates['step'][0] / et:.2f}x")
     if "baseline" in rates:
         base_train, base_eval = rates["baseline"]
         for kind, note in (("this", ""), ("compiled", "compiled_"), ("eager", "eager_"), ("direct", "direct_")):

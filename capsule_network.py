@@ -26,8 +26,9 @@ The file, top to bottom (support code lives in the capsnet/ package beside it):
                    (--predict), export_weights (--export-weights)
     command line   the configuration (constants < data set < checkpoint < preset < flags), main()
 capsnet/: data.py (readers, batches, shifts, MultiMNIST), fast.py (the CPU's faster PrimaryCaps
-convolution, the compile choice), meters.py, figures.py, visdom_plots.py, runtime.py (devices,
-RNG, checkpoints, torchrun), cli.py (flags from the constants), efficient.py (Efficient-CapsNet).
+convolution, the compile choice, the whole compiled step), meters.py, figures.py (also --predict's
+output), visdom_plots.py, runtime.py (devices, RNG, checkpoints, torchrun), cli.py (flags from the
+constants), efficient.py (Efficient-CapsNet).
 The speed benchmark is bench.py, beside this file. Measured results and the commands behind them
 are in README.md; the lab notes in results/README.md.
 """
@@ -52,8 +53,8 @@ from capsnet.data import (input_size, load_data, multimnist_pairs, nominal_data_
                           random_shift, read_images_as_data, smallest_input, to_float_images)
 from capsnet.decoders import DeconvDecoder
 from capsnet.efficient import EfficientBody, efficient_augment
-from capsnet.fast import CompileChoice, CompiledOrEager, conv1_primary_cpu
-from capsnet.figures import epoch_views, for_display, write_figures
+from capsnet.fast import CompileChoice, CompiledOrEager, WholeStep, conv1_primary_cpu
+from capsnet.figures import epoch_views, write_figures, write_predictions
 from capsnet.meters import (PassStats, matched_predictions, meter_values, pass_meters, print_evaluation,  # noqa: F401
                             two_digit_scores)
 from capsnet.runtime import (Distributed, NonFiniteLoss, Preempted, UsageError, amp_choice, amp_dtype,
@@ -116,7 +117,7 @@ LR_DECAY: float = 0.96  # exponential decay of the learning rate per epoch (see 
 LR_MIN: float = 0.0  # the learning rate decays no lower than this (Efficient-CapsNet's code: 5e-5)
 # speed: the same mathematics, computed faster (results/README.md)
 AMP: bool = True  # bf16 autocast for the convolutions and decoder where the device supports bf16
-COMPILE: str = "auto"  # torch.compile the capsule part: auto (keep it if it trains faster here), on, off
+COMPILE: str = "auto"  # torch.compile the capsule part: auto (keep what trains faster here), on, off; step: the whole step
 CHANNELS_LAST: bool = False  # channels_last memory format for the convolutions (slower on the CPU: results/README.md)
 CPU_MALLOC_TUNING: bool = True  # keep glibc from returning big activations to the OS each step (CPU)
 CPU_DFT_CONV: bool = True  # CPU: PrimaryCaps convolution through small DFTs (same math, ~3x fewer FLOPs)
@@ -551,7 +552,7 @@ class BatchLoss:
         self.dist, self.ddp = dist, ddp
         self.crop, self.flip = crop, flip  # CIFAR10 and smallNORB: random crops (and flips) in training
         self.augment = augment  # AUGMENT: "efficient" adds Efficient-CapsNet's augmentation in training
-        self.last = None
+        self.last, self.whole, self.whole_step = None, False, None
 
     def __call__(self, sample):
         training = self.model.training  # the mode is the model's: model.train() / model.eval()
@@ -569,6 +570,16 @@ class BatchLoss:
         images, labels, *parts = images[share], sample[1][share], *(p[share] for p in sample[2:])
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        whole = training and self.whole
+        loss, lengths = (self.whole_step if whole else self.forward_loss)(images, labels, *parts)
+        self.last = (loss.detach().clone() if whole else loss.detach(), labels)
+        if training and self.ddp is not None:
+            loss = loss * (len(labels) * self.dist.world / batch)
+        return loss, lengths.detach()
+
+    def forward_loss(self, images, labels, *parts):
+        """The forward pass and loss of one batch -> (loss, lengths): what COMPILE = "step" compiles."""
+        training = self.model.training
         forward = self.ddp if training and self.ddp is not None else self.model
         with autocast(self.device, self.dtype):
             if not parts:
@@ -576,18 +587,20 @@ class BatchLoss:
             else:
                 lengths, recon = forward(images, labels if training else None, objects=labels.shape[1])
         if not parts:
-            loss = self.loss_fn(images, labels, lengths, recon)
-        else:
-            if not training:  # the reconstruction matched to label k compared with part k
-                _, swapped = matched_predictions(lengths.detach(), labels)
-                recon = torch.where(swapped[:, None, None, None, None], recon.flip(1), recon)
-            present = F.one_hot(labels, lengths.shape[1]).sum(1)  # (B, J): both classes present
-            targets = parts[0].unsqueeze(2).float().div_(255.0)  # (B, 2, 1, H, W)
-            loss = self.loss_fn(targets, present, lengths, recon)
-        self.last = (loss.detach(), labels)
-        if training and self.ddp is not None:
-            loss = loss * (len(labels) * self.dist.world / batch)
-        return loss, lengths.detach()
+            return self.loss_fn(images, labels, lengths, recon), lengths
+        if not training:  # the reconstruction matched to label k compared with part k
+            _, swapped = matched_predictions(lengths.detach(), labels)
+            recon = torch.where(swapped[:, None, None, None, None], recon.flip(1), recon)
+        present = F.one_hot(labels, lengths.shape[1]).sum(1)  # (B, J): both classes present
+        targets = parts[0].unsqueeze(2).float().div_(255.0)  # (B, 2, 1, H, W)
+        return self.loss_fn(targets, present, lengths, recon), lengths
+
+    def use_whole_step(self, on=True):
+        """COMPILE = "step": training batches through WholeStep (capsnet/fast.py), made at the first use."""
+        if on and self.whole_step is None:
+            graphs = self.device.type == "cuda" and self.ddp is None
+            self.whole_step = WholeStep(self.model, self.forward_loss, graphs)
+        self.whole = on
 
 
 # ---- the epoch loop: torchnet's Engine and its hooks, checkpoints every epoch, resume ----
@@ -617,7 +630,7 @@ class Trainer:
         self.saved_epoch = start_epoch  # the epoch last.pt holds
         self.meters = {mode: pass_meters(cfg["NUM_CLASSES"], data.objects) for mode in ("train", "test")}
         self.stats = PassStats(device)
-        self.compile_choice = CompileChoice(model, device, cfg["COMPILE"], compile_state, dist)
+        self.compile_choice = CompileChoice(model, device, cfg["COMPILE"], compile_state, dist, self.network)
         self.visdom = VisdomPlots(cfg if dist.main else dict(cfg, VISDOM=False), data.objects)
         self.run_dir = cfg["RUN_DIR"]
         self.engine = Engine()
@@ -677,16 +690,14 @@ class Trainer:
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
             self.diverged(state["epoch"], None)  # a non-finite gradient in the last step
         train_seconds = time.perf_counter() - self.epoch_started
-        self.model.record_routing = False
-        changes = torch.stack(self.model.logit_changes).mean(0).tolist() if self.model.logit_changes else []
-        self.model.logit_changes = []
+        changes = self.routing_changes()  # none from the whole compiled step: then the test pass's
         self.finish_pass("train")
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         for group in self.optimizer.param_groups:  # LR_MIN: the decay stops there
             group["lr"] = max(group["lr"], self.cfg["LR_MIN"])
-        test_seconds = self.evaluate()
-        row = self.metrics_row(state["epoch"], lr, train_seconds, test_seconds, changes)
+        test_seconds = self.evaluate(record_routing=not changes)
+        row = self.metrics_row(state["epoch"], lr, train_seconds, test_seconds, changes or self.routing_changes())
         self.end_epoch(state, row)
 
     # helpers used by the hooks
@@ -760,10 +771,16 @@ class Trainer:
         self.stats.feed(self.meters[mode])
         self.bar.close()
 
-    def evaluate(self):
+    def routing_changes(self):
+        """The mean routing logit change of each iteration over the steps recorded; recording stops."""
+        changes, self.model.logit_changes, self.model.record_routing = self.model.logit_changes, [], False
+        return torch.stack(changes).mean(0).tolist() if changes else []
+
+    def evaluate(self, record_routing=False):
         """Test pass under model.eval() and no_grad (torchnet's Engine.test does neither)."""
         started = time.perf_counter()
         self.model.eval()
+        self.model.record_routing = record_routing
         with torch.no_grad():
             self.engine.test(self.network, self.progress(self.test_batches, "test"))
         sync(self.device)
@@ -983,10 +1000,8 @@ def run_predict(cfg, ckpt, paths):
     """--predict: each image file converted as the model's data was (channels, size, the central
     crop; for the MNIST-like data sets a dark digit on a light background is inverted, and the
     output says so) -> the predicted class and every class's capsule length, printed, in
-    RUN_DIR/predictions.json, and RUN_DIR/predict_<name>.png: the input beside its reconstruction.
-    Every file is read before anything is written."""
-    from torchvision.utils import make_grid, save_image
-
+    RUN_DIR/predictions.json, and RUN_DIR/predict_<name>.png: the input beside its reconstruction
+    (figures.write_predictions). Every file is read before anything is written."""
     device, _ = setup_process(cfg)
     model = build_model(cfg).to(device)
     load_weights(model, ckpt["model"])
@@ -997,25 +1012,7 @@ def run_predict(cfg, ckpt, paths):
     with torch.no_grad():
         lengths, recon = model(images)
     names = cfg["CLASS_NAMES"] or [str(k) for k in range(cfg["NUM_CLASSES"])]
-    os.makedirs(cfg["RUN_DIR"], exist_ok=True)
-    predictions = []
-    for k, path in enumerate(paths):
-        best = int(lengths[k].argmax())
-        stem = os.path.splitext(os.path.basename(path))[0]
-        picture = os.path.join(cfg["RUN_DIR"], f"predict_{stem}.png")
-        save_image(make_grid(for_display(torch.stack([images[k], recon[k]])).cpu(), nrow=2, padding=2, pad_value=0.5),
-                   picture)
-        predictions.append({"image": path, "class": best, "class_name": names[best], "inverted": inverted[k],
-                            "lengths": {name: round(float(v), 4) for name, v in zip(names, lengths[k])},
-                            "picture": picture})
-        note = " (a dark digit on a light background: inverted first, as MNIST's are light on black)" \
-            if inverted[k] else ""
-        print(f"{path}: class {names[best]} (capsule length {float(lengths[k, best]):.3f}){note}")
-        print("  " + "  ".join(f"{name}: {float(v):.3f}" for name, v in zip(names, lengths[k])))
-    with open(os.path.join(cfg["RUN_DIR"], "predictions.json"), "w", encoding="utf-8") as f:
-        json.dump(predictions, f, indent=1)
-    print(f"wrote {os.path.join(cfg['RUN_DIR'], 'predictions.json')} and the predict_*.png pictures")
-    return predictions
+    return write_predictions(paths, images, recon, lengths, names, inverted, cfg["RUN_DIR"])
 
 
 MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAMES", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",

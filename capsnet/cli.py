@@ -39,11 +39,12 @@ def constants_table(path):
 
 
 def compile_setting(text):
-    """--compile's value: auto, or on/off (also true/false, yes/no, 1/0) -> "auto", True or False."""
-    value = {"auto": "auto", "on": True, "true": True, "yes": True, "1": True,
+    """--compile's value: auto, step, or on/off (also true/false, yes/no, 1/0) -> "auto", "step",
+    True or False."""
+    value = {"auto": "auto", "step": "step", "on": True, "true": True, "yes": True, "1": True,
              "off": False, "false": False, "no": False, "0": False}.get(text.lower())
     if value is None:
-        raise argparse.ArgumentTypeError(f"must be auto, on or off, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be auto, on, off or step, not {text!r}")
     return value
 
 
@@ -61,9 +62,9 @@ def add_constant_flags(parser, path, values):
         default = values[name]
         flag = "--" + name.lower().replace("_", "-")
         text = f"{help_text} (default: {default})"
-        if name == "COMPILE":  # --compile [auto|on|off], --no-compile
+        if name == "COMPILE":  # --compile [auto|on|off|step], --no-compile
             parser.add_argument(flag, dest=name, nargs="?", const=True, type=compile_setting, default=None,
-                                metavar="auto|on|off", help=text)
+                                metavar="auto|on|off|step", help=text)
             parser.add_argument("--no-compile", dest=name, action="store_const", const=False,
                                 help="the same as --compile off")
         elif kind is bool:
@@ -79,7 +80,7 @@ def validate_config(cfg, datasets):
     checks = [
         (cfg["DATASET"] in datasets, f"--dataset must be one of {', '.join(datasets)}, not {cfg['DATASET']!r}"),
         (cfg["DEVICE"] in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
-        (cfg["COMPILE"] in ("auto", True, False), "--compile must be auto, on or off"),
+        (cfg["COMPILE"] in ("auto", "step", True, False), "--compile must be auto, on, off or step"),
         (cfg["EPOCHS"] >= 0, "--epochs must be >= 0"),
         (cfg["BATCH_SIZE"] >= 1, "--batch-size must be >= 1"),
         (cfg["EVAL_BATCH_SIZE"] >= 1, "--eval-batch-size must be >= 1"),

@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +56,10 @@ def cached_weight_f(model, dtype):
 
 
 class CompiledOrEager:
-    """torch.compile(fn), falling back to fn with one warning if compiling fails (no compiler,
-    unsupported platform). Compilation happens at the first call of each new input kind."""
+    """torch.compile(fn, mode=mode), falling back to fn with one warning if compiling fails (no
+    compiler, unsupported platform). Compilation happens at the first call of each new input kind."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, mode=None):
         # On machines without CUDA, torch's C++ extension helper says "No CUDA runtime is found"
         # when inductor first imports it: noise for a CPU user. Imported here quietly; its errors
         # still show.
@@ -68,8 +69,10 @@ class CompiledOrEager:
                 import torch.utils.cpp_extension  # noqa: F401
             except Exception:  # then inductor meets the same error later and CompiledOrEager reports it
                 pass
+        # dynamo traces through the lru_cache of dft_matrices (its values are constants): said once, harmless
+        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
         self.eager = fn
-        self.fn = torch.compile(fn)
+        self.fn = torch.compile(fn, mode=mode)
 
     @property
     def failed(self):
@@ -206,35 +209,75 @@ def conv2d_dft(x, weight, bias, stride, dtype, weight_f=None):
     return y.permute(3, 2, 1, 0)
 
 
+class WholeStep:
+    """COMPILE = "step": the forward pass and loss of a training batch (BatchLoss.forward_loss)
+    compiled as one graph, whose backward AOTAutograd compiles with it; on CUDA with CUDA graphs
+    (mode "reduce-overhead"), so that a step is a few graph launches instead of hundreds of kernel
+    launches. Inside it the capsule layer is the plain function (traced into the graph) and no
+    routing diagnostics are recorded (the trainer records them on the test pass instead). Adam
+    stays outside: fused, it is already one multi-tensor kernel, and compiled it would bake the
+    learning rate, which decays every epoch, into its graph. Under torchrun no CUDA graphs (DDP's
+    gradient hooks run between the graphs)."""
+
+    def __init__(self, model, fn, graphs):
+        self.model, self.graphs = model, graphs
+        self.compiled = CompiledOrEager(fn, "reduce-overhead" if graphs else None)
+
+    @property
+    def failed(self):
+        return self.compiled.failed
+
+    def __call__(self, *args):
+        model = self.model
+        model.use_compile(True)  # makes model.compiled, whose .eager is the plain layer
+        saved = model.capsule_layer, model.record_routing
+        model.capsule_layer, model.record_routing = model.compiled.eager, False
+        try:
+            if self.graphs:  # the outputs of the previous step are no longer read
+                torch.compiler.cudagraph_mark_step_begin()
+            loss, lengths = self.compiled(*args)
+        finally:
+            model.capsule_layer, model.record_routing = saved
+        return loss, lengths.detach().clone()  # a CUDA graph's outputs are overwritten by its next run
+
+
 class CompileChoice:
-    """Which capsule layer the trainer runs: compiled or eager. COMPILE = True or False forces one;
-    COMPILE = "auto" decides by measurement: the first training steps run the compiled layer
-    twice (it compiles in the first), the eager one once, untimed, then both in turn, TIMED
-    steps each, timed; the one with the faster median step is kept for the rest of the run. Those
-    steps are real training steps (the same mathematics either way). The choice is printed in one
-    line, recorded in each metrics row and in the checkpoint, and a resumed run keeps it (or
-    continues an unfinished trial), so that it trains exactly as the uninterrupted run.
-    Why: how fast inductor's code is depends on the torch release and the machine, and a faster
-    default on one machine can be the slower one on another (results/README.md)."""
+    """How the trainer runs a training step: the compiled capsule layer ("compiled"), the eager one
+    ("eager"), or the whole step compiled ("step", WholeStep). COMPILE = True, False or "step"
+    forces one; COMPILE = "auto" decides by measurement: the first training steps run each kind
+    once or twice untimed (the compiled ones compile in their first), then the kinds in turn,
+    TIMED steps each, timed; the one with the fastest median step is kept for the rest of the run.
+    Those steps are real training steps (the same mathematics every way). "auto" times the whole
+    step on CUDA only: on the CPU its compilation takes about a minute and it was slower there
+    (results/README.md). The choice is printed in one line, recorded in each metrics row and in
+    the checkpoint, and a resumed run keeps it (or continues an unfinished trial), so that it
+    trains exactly as the uninterrupted run. Why measure: how fast inductor's code is depends on
+    the torch release and the machine, and a faster default on one machine can be the slower one
+    on another (results/README.md). `network` is the trainer's BatchLoss (the whole step's switch)."""
 
     WARMUP = ("compiled", "compiled", "eager")
     TIMED = 4
+    NAMES = {"compiled": "compiled capsule layer", "eager": "eager capsule layer", "step": "whole compiled step"}
 
-    def __init__(self, model, device, setting, state=None, dist=None):
-        self.model, self.device, self.dist = model, device, dist or Distributed({})
-        self.schedule = list(self.WARMUP) + ["compiled", "eager"] * self.TIMED
-        self.step, self.times, self.choice = 0, {"compiled": [], "eager": []}, None
+    def __init__(self, model, device, setting, state=None, dist=None, network=None):
+        self.model, self.device, self.dist, self.network = model, device, dist or Distributed({}), network
+        kinds = ["compiled", "eager"] + (["step"] if device.type == "cuda" and network is not None else [])
+        warmup = list(self.WARMUP) + ["step", "step"] * ("step" in kinds)
+        self.schedule, self.warmup = warmup + kinds * self.TIMED, len(warmup)
+        self.step, self.times, self.choice = 0, {k: [] for k in kinds}, None
         self.current, self.started, self.clock = None, 0.0, time.perf_counter
         if setting != "auto":
-            self.choice = "compiled" if setting else "eager"
+            self.choice = {True: "compiled", False: "eager", "step": "step"}[setting]
         elif state:  # resuming: the recorded choice, or the trial where it stopped
             self.choice, self.step = state["choice"], state["step"]
-            self.times = {k: list(v) for k, v in state["times"].items()}
+            self.times.update((k, list(v)) for k, v in state["times"].items())
         if self.choice is not None:
             self.use(self.choice)
 
     def use(self, kind):
-        self.model.use_compile(kind == "compiled")
+        self.model.use_compile(kind != "eager")  # "step": the compiled layer serves the test pass
+        if self.network is not None:
+            self.network.use_whole_step(kind == "step")
 
     def state(self):
         return {"choice": self.choice, "step": self.step, "times": self.times}
@@ -250,7 +293,7 @@ class CompileChoice:
         if self.choice is None:
             sync(self.device)
             seconds = self.clock() - self.started
-            if self.step >= len(self.WARMUP):
+            if self.step >= self.warmup:
                 self.times[self.current].append(seconds)
             self.step += 1
             if self.step == len(self.schedule):
@@ -258,14 +301,13 @@ class CompileChoice:
 
     def decide(self):
         median = {k: sorted(t)[len(t) // 2] for k, t in self.times.items()}
-        if self.model.compiled.failed:
-            self.choice, why = "eager", "torch.compile failed"
-        else:
-            self.choice = "compiled" if median["compiled"] <= median["eager"] else "eager"
-            why = f"median training step {median['compiled']:.3f} s compiled, {median['eager']:.3f} s eager"
+        failed = {"compiled": self.model.compiled.failed,
+                  "step": self.network is not None and self.network.whole_step is not None and self.network.whole_step.failed}
+        usable = {k: m for k, m in median.items() if not failed.get(k)}
+        self.choice = min(usable, key=usable.get)  # the first of equals: compiled before eager
+        why = ", ".join(f"{m:.3f} s {k}" for k, m in median.items())
+        why = "torch.compile failed" if len(usable) < len(median) else f"median training step {why}"
         self.choice = self.dist.from_main(self.choice)  # under torchrun: rank 0's measurement for all
         self.use(self.choice)
-        print(f"compile auto: the {self.choice} capsule layer is faster here ({why}, torch "
+        print(f"compile auto: the {self.NAMES[self.choice]} is faster here ({why}, torch "
               f"{torch.__version__}); it is used from now on", flush=True)
-
-

@@ -1,7 +1,9 @@
 """Figures from a trained model: Fig. 4 (perturbed capsule dimensions), reconstructions under
-every class mask, routing couplings, Fig. 5 (MultiMNIST), and the PNG charts of a run's metrics."""
+every class mask, routing couplings, Fig. 5 (MultiMNIST), the PNG charts of a run's metrics,
+and --predict's output."""
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -346,3 +348,31 @@ def write_figures(model, data, cfg, out):
         if plot_routing_png(rows, os.path.join(out, "routing_logit_change.png")):
             written.append(os.path.join(out, "routing_logit_change.png"))
     return written
+
+
+def write_predictions(paths, images, recon, lengths, names, inverted, run_dir):
+    """--predict's output for image files `paths` (their model inputs `images`, reconstructions
+    and capsule lengths; `inverted`: which were turned light-on-dark first): the predicted class
+    and every class's length printed, in run_dir/predictions.json, and run_dir/predict_<name>.png,
+    the input beside its reconstruction."""
+    from torchvision.utils import make_grid, save_image
+
+    os.makedirs(run_dir, exist_ok=True)
+    predictions = []
+    for k, path in enumerate(paths):
+        best = int(lengths[k].argmax())
+        stem = os.path.splitext(os.path.basename(path))[0]
+        picture = os.path.join(run_dir, f"predict_{stem}.png")
+        save_image(make_grid(for_display(torch.stack([images[k], recon[k]])).cpu(), nrow=2, padding=2, pad_value=0.5),
+                   picture)
+        predictions.append({"image": path, "class": best, "class_name": names[best], "inverted": inverted[k],
+                            "lengths": {name: round(float(v), 4) for name, v in zip(names, lengths[k])},
+                            "picture": picture})
+        note = " (a dark digit on a light background: inverted first, as MNIST's are light on black)" \
+            if inverted[k] else ""
+        print(f"{path}: class {names[best]} (capsule length {float(lengths[k, best]):.3f}){note}")
+        print("  " + "  ".join(f"{name}: {float(v):.3f}" for name, v in zip(names, lengths[k])))
+    with open(os.path.join(run_dir, "predictions.json"), "w", encoding="utf-8") as f:
+        json.dump(predictions, f, indent=1)
+    print(f"wrote {os.path.join(run_dir, 'predictions.json')} and the predict_*.png pictures")
+    return predictions

@@ -122,11 +122,11 @@ def test_auto_falls_back_to_eager_when_compiling_failed(capsys):
 def test_compile_flag_values():
     parser = cn.build_parser()
     for argv, value in (([], "auto"), (["--compile"], True), (["--no-compile"], False),
-                        (["--compile", "off"], False), (["--compile", "on"], True), (["--compile", "auto"], "auto")):
+                        (["--compile", "off"], False), (["--compile", "on"], True), (["--compile", "auto"], "auto"), (["--compile", "step"], "step")):
         assert cn.make_config(parser.parse_args(argv), None)["COMPILE"] == value, argv
     done = run_main(["--compile", "sometimes"])
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and "must be auto, on or off" in lines[0], describe(done)
+    assert done.returncode == 2 and len(lines) == 1 and "must be auto, on, off or step" in lines[0], describe(done)
 
 
 def test_auto_run_records_its_choice_and_a_resumed_run_keeps_it(tiny_mnist, tmp_path):
@@ -150,3 +150,93 @@ def test_auto_run_records_its_choice_and_a_resumed_run_keeps_it(tiny_mnist, tmp_
     assert resumed.returncode == 0, describe(resumed)
     assert "compile auto" not in resumed.stdout
     assert read_rows(str(tmp_path / "again"))[-1]["compile"] == announced[0]
+
+
+class FakeNetwork:
+    """BatchLoss's switch for the whole compiled step: marks the model's last step as "step"."""
+
+    def __init__(self, model):
+        self.model, self.whole_step = model, None
+
+    def use_whole_step(self, on=True):
+        if on:
+            self.model.used[-1] = "step"
+
+
+def test_auto_on_cuda_also_times_the_whole_step(capsys, monkeypatch):
+    """On CUDA, auto adds the whole compiled step to the trial (twice untimed, then in turn) and
+    keeps it when it is the fastest; the CPU's trial stays the two capsule layers."""
+    monkeypatch.setattr(fast, "sync", lambda device: None)
+    model = FakeModel()
+    choice = fast.CompileChoice(model, torch.device("cuda"), "auto", network=FakeNetwork(model))
+    choice.clock = FakeClock(model, {"compiled": 0.3, "eager": 0.5, "step": 0.1})
+    run_steps(choice, 17)
+    assert model.used == ["compiled", "compiled", "eager", "step", "step"] + ["compiled", "eager", "step"] * 4 + ["step"]
+    assert choice.choice == "step" and choice.times["step"] == [pytest.approx(0.1)] * 4
+    assert capsys.readouterr().out.startswith("compile auto: the whole compiled step is faster here (median "
+                                              "training step 0.300 s compiled, 0.500 s eager, 0.100 s step")
+    cpu = fast.CompileChoice(FakeModel(), torch.device("cpu"), "auto", network=FakeNetwork(model))
+    assert "step" not in cpu.schedule and set(cpu.times) == {"compiled", "eager"}
+
+
+def whole_step_arms(dtype, steps=3):
+    """The same tiny model trained `steps` Adam steps on the same batches eagerly and with the whole
+    step compiled -> per arm (losses, first step's gradients, the weights' change), and the first
+    step's gradients of the eager arm again (a check that they are reproducible)."""
+    cfg = dict(cn.default_config(), CONV1_CHANNELS=16, PRIMARY_CAPS=4, DECODER_HIDDEN1=32, DECODER_HIDDEN2=64)
+    torch.manual_seed(0)
+    first = cn.build_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (8, 28, 28), generator=g, dtype=torch.uint8),
+                torch.randint(0, 10, (8,), generator=g)) for _ in range(steps)]
+    arms = {}
+    for kind in ("eager", "step"):
+        model = cn.build_model(cfg)
+        model.load_state_dict(first.state_dict())
+        network = cn.BatchLoss(model, cn.build_loss(cfg), torch.device("cpu"), dtype, 0, False)
+        network.use_whole_step(kind == "step")
+        optimizer = cn.build_optimizer(model, cfg)
+        model.train()
+        losses, grads = [], None
+        for images, labels in batches:
+            optimizer.zero_grad()
+            loss, _ = network((images, labels))
+            loss.backward()
+            grads = grads or [p.grad.clone() for p in model.parameters()]
+            optimizer.step()
+            losses.append(loss.item())
+        assert network.whole_step is None or not network.whole_step.failed
+        change = torch.cat([(p - p0).flatten() for p, p0 in zip(model.parameters(), first.parameters())])
+        arms[kind] = losses, grads, change.detach()
+    return arms
+
+
+@pytest.mark.parametrize("dtype, loss_rtol, rtol", [(None, 1e-6, 1e-5), (torch.bfloat16, 1e-4, 3e-2)])
+def test_whole_compiled_step_trains_as_the_eager_one(dtype, loss_rtol, rtol):
+    """COMPILE = "step" on the CPU: the same losses step after step, the same gradients and the
+    same change of the weights after three Adam steps as the eager model, in fp32 to float
+    rounding and under bf16 autocast (the default mode) to bf16 rounding."""
+    arms = whole_step_arms(dtype)
+    (eager_losses, eager_grads, eager_change), (losses, grads, change) = arms["eager"], arms["step"]
+    assert losses == pytest.approx(eager_losses, rel=loss_rtol)
+    for a, b in zip(grads, eager_grads):
+        assert (a - b).norm() <= rtol * b.norm() + 1e-12
+    assert (change - eager_change).norm() <= rtol * eager_change.norm()
+
+
+def test_whole_step_run_records_step_and_the_test_passs_routing(tiny_mnist, tmp_path):
+    """--compile step: a tiny run trains through the whole compiled step (no fallback, no compiler
+    chatter); every metrics row says "step" and carries the routing diagnostics of the test pass;
+    the checkpoint keeps the choice and a resumed run goes on with it."""
+    run = str(tmp_path / "run")
+    done = run_main(train_args(tiny_mnist["root"], run, "--compile", "step", epochs=1))
+    assert done.returncode == 0 and "torch.compile failed" not in done.stderr, describe(done)
+    for noise in ("No CUDA runtime", "torch._dynamo", "torch._inductor", "lru_cache"):
+        assert noise not in done.stderr, describe(done)
+    rows = read_rows(run)
+    assert [r["compile"] for r in rows] == ["step"]
+    assert len(rows[0]["routing_logit_change"]) == 3 and all(c > 0 for c in rows[0]["routing_logit_change"])
+    assert load_pt(os.path.join(run, "last.pt"))["compile_choice"]["choice"] == "step"
+    resumed = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", "2", "--no-visdom"])
+    assert resumed.returncode == 0, describe(resumed)
+    assert [r["compile"] for r in read_rows(run)] == ["step", "step"]
