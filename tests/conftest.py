@@ -199,3 +199,35 @@ def digit_batch(tiny_mnist):
     images, labels = tiny_mnist["test"]
     x = data.to_float_images(torch.from_numpy(images[:8].copy()))
     return x, torch.from_numpy(labels[:8].astype(np.int64))
+
+
+def whole_step_arms(dtype, device="cpu", steps=3):
+    """The same tiny model trained `steps` Adam steps on the same batches eagerly and with the whole
+    step compiled -> per arm (losses, first step's gradients, the weights' change), and the first
+    step's gradients of the eager arm again (a check that they are reproducible)."""
+    cfg = dict(cn.default_config(), CONV1_CHANNELS=16, PRIMARY_CAPS=4, DECODER_HIDDEN1=32, DECODER_HIDDEN2=64)
+    torch.manual_seed(0)
+    first = cn.build_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (8, 28, 28), generator=g, dtype=torch.uint8),
+                torch.randint(0, 10, (8,), generator=g)) for _ in range(steps)]
+    arms = {}
+    for kind in ("eager", "step"):
+        model = cn.build_model(cfg).to(device)
+        model.load_state_dict(first.state_dict())
+        network = cn.BatchLoss(model, cn.build_loss(cfg), torch.device(device), dtype, 0, False)
+        network.use_whole_step(kind == "step")
+        optimizer = cn.build_optimizer(model, cfg)
+        model.train()
+        losses, grads = [], None
+        for images, labels in batches:
+            optimizer.zero_grad()
+            loss, _ = network((images.to(device), labels.to(device)))
+            loss.backward()
+            grads = grads or [p.grad.clone() for p in model.parameters()]
+            optimizer.step()
+            losses.append(loss.item())
+        assert network.whole_step is None or not network.whole_step.failed
+        change = torch.cat([(p.cpu() - p0).flatten() for p, p0 in zip(model.parameters(), first.parameters())])
+        arms[kind] = losses, [g.cpu() for g in grads], change.detach()
+    return arms

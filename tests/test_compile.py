@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import cn, copy_run, describe, load_pt, read_rows, run_main, train_args
+from conftest import cn, copy_run, describe, load_pt, read_rows, run_main, train_args, whole_step_arms
 from capsnet import fast  # noqa: E402
 
 
@@ -177,38 +177,6 @@ def test_auto_on_cuda_also_times_the_whole_step(capsys, monkeypatch):
                                               "training step 0.300 s compiled, 0.500 s eager, 0.100 s step")
     cpu = fast.CompileChoice(FakeModel(), torch.device("cpu"), "auto", network=FakeNetwork(model))
     assert "step" not in cpu.schedule and set(cpu.times) == {"compiled", "eager"}
-
-
-def whole_step_arms(dtype, steps=3):
-    """The same tiny model trained `steps` Adam steps on the same batches eagerly and with the whole
-    step compiled -> per arm (losses, first step's gradients, the weights' change), and the first
-    step's gradients of the eager arm again (a check that they are reproducible)."""
-    cfg = dict(cn.default_config(), CONV1_CHANNELS=16, PRIMARY_CAPS=4, DECODER_HIDDEN1=32, DECODER_HIDDEN2=64)
-    torch.manual_seed(0)
-    first = cn.build_model(cfg)
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randint(0, 256, (8, 28, 28), generator=g, dtype=torch.uint8),
-                torch.randint(0, 10, (8,), generator=g)) for _ in range(steps)]
-    arms = {}
-    for kind in ("eager", "step"):
-        model = cn.build_model(cfg)
-        model.load_state_dict(first.state_dict())
-        network = cn.BatchLoss(model, cn.build_loss(cfg), torch.device("cpu"), dtype, 0, False)
-        network.use_whole_step(kind == "step")
-        optimizer = cn.build_optimizer(model, cfg)
-        model.train()
-        losses, grads = [], None
-        for images, labels in batches:
-            optimizer.zero_grad()
-            loss, _ = network((images, labels))
-            loss.backward()
-            grads = grads or [p.grad.clone() for p in model.parameters()]
-            optimizer.step()
-            losses.append(loss.item())
-        assert network.whole_step is None or not network.whole_step.failed
-        change = torch.cat([(p - p0).flatten() for p, p0 in zip(model.parameters(), first.parameters())])
-        arms[kind] = losses, grads, change.detach()
-    return arms
 
 
 @pytest.mark.parametrize("dtype, loss_rtol, rtol", [(None, 1e-6, 1e-5), (torch.bfloat16, 1e-4, 3e-2)])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import SCRIPT, cn, describe, load_pt, read_rows, run_main, small_model, train_args
+from conftest import SCRIPT, cn, describe, load_pt, read_rows, run_main, small_model, train_args, whole_step_arms
 from capsnet import figures, runtime  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -124,6 +124,31 @@ def test_the_compiled_capsule_layer_on_cuda_equals_eager(digit_batch):
     torch.testing.assert_close(c1, c0, rtol=1e-4, atol=1e-5)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, rtol", [(None, 1e-3), (torch.bfloat16, 3e-2)])
+def test_the_whole_compiled_step_on_cuda_trains_as_the_eager_one(dtype, rtol):
+    """COMPILE = "step" on the GPU (CUDA graphs): three Adam steps give eager's losses, gradients and
+    weight changes (fp32 with TF32 convolutions, and bf16 autocast, to their rounding)."""
+    arms = whole_step_arms(dtype, "cuda")
+    (eager_losses, eager_grads, eager_change), (losses, grads, change) = arms["eager"], arms["step"]
+    assert losses == pytest.approx(eager_losses, rel=rtol / 10)
+    for a, b in zip(grads, eager_grads):
+        assert (a - b).norm() <= rtol * b.norm() + 1e-12
+    assert (change - eager_change).norm() <= rtol * eager_change.norm()
+
+
+@needs_cuda
+def test_a_tiny_run_on_cuda_in_the_whole_step_mode(tiny_mnist, tmp_path):
+    """--compile step on CUDA: two epochs without a compile fallback, recorded as "step", and a
+    resumed third epoch."""
+    run = str(tmp_path / "run")
+    done = run_main(train_args(tiny_mnist["root"], run, "--device", "cuda", "--compile", "step"))
+    assert done.returncode == 0 and "torch.compile failed" not in done.stderr, describe(done)
+    assert [r["compile"] for r in read_rows(run)] == ["step", "step"]
+    done = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", "3", "--no-visdom"])
+    assert done.returncode == 0 and [r["compile"] for r in read_rows(run)][-1] == "step", describe(done)
 
 
 @needs_two_gpus
