@@ -222,6 +222,9 @@ class WholeStep:
     def __init__(self, model, fn, graphs):
         self.model, self.graphs = model, graphs
         self.compiled = CompiledOrEager(fn, "reduce-overhead" if graphs else None)
+        # DDP's forward opens a profiler range that dynamo skips, saying so on every rank: noise
+        logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(
+            lambda record: "Profiler record function" not in record.getMessage())
 
     @property
     def failed(self):
