@@ -251,8 +251,8 @@ class CompileChoice:
     once or twice untimed (the compiled ones compile in their first), then the kinds in turn,
     TIMED steps each, timed; the one with the fastest median step is kept for the rest of the run.
     Those steps are real training steps (the same mathematics every way). "auto" times the whole
-    step on CUDA only: on the CPU its compilation takes about a minute and it was slower there
-    (results/README.md). The choice is printed in one line, recorded in each metrics row and in
+    step on CUDA only: on the 2-core CPU it trained at 0.69x the eager speed, 0.59x the compiled
+    layer's (results/README.md), after tens of seconds of compiling. The choice is printed in one line, recorded in each metrics row and in
     the checkpoint, and a resumed run keeps it (or continues an unfinished trial), so that it
     trains exactly as the uninterrupted run. Why measure: how fast inductor's code is depends on
     the torch release and the machine, and a faster default on one machine can be the slower one
