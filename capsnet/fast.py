@@ -209,6 +209,11 @@ def conv2d_dft(x, weight, bias, stride, dtype, weight_f=None):
     return y.permute(3, 2, 1, 0)
 
 
+def not_a_profiler_note(record):
+    """Logging filter: DDP's forward opens a profiler range that dynamo skips, saying so on every rank."""
+    return "Profiler record function" not in record.getMessage()
+
+
 class WholeStep:
     """COMPILE = "step": the forward pass and loss of a training batch (BatchLoss.forward_loss)
     compiled as one graph, whose backward AOTAutograd compiles with it; on CUDA with CUDA graphs
@@ -222,9 +227,9 @@ class WholeStep:
     def __init__(self, model, fn, graphs):
         self.model, self.graphs = model, graphs
         self.compiled = CompiledOrEager(fn, "reduce-overhead" if graphs else None)
-        # DDP's forward opens a profiler range that dynamo skips, saying so on every rank: noise
-        logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(
-            lambda record: "Profiler record function" not in record.getMessage())
+        model.use_compile(True)  # the compiled layer serves the test pass; its .eager is the plain layer
+        self.layer = model.compiled.eager
+        logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(not_a_profiler_note)
 
     @property
     def failed(self):
@@ -232,9 +237,8 @@ class WholeStep:
 
     def __call__(self, *args):
         model = self.model
-        model.use_compile(True)  # makes model.compiled, whose .eager is the plain layer
         saved = model.capsule_layer, model.record_routing
-        model.capsule_layer, model.record_routing = model.compiled.eager, False
+        model.capsule_layer, model.record_routing = self.layer, False
         try:
             if self.graphs:  # the outputs of the previous step are no longer read
                 torch.compiler.cudagraph_mark_step_begin()
@@ -252,9 +256,9 @@ class CompileChoice:
     TIMED steps each, timed; the one with the fastest median step is kept for the rest of the run.
     Those steps are real training steps (the same mathematics every way). "auto" times the whole
     step on CUDA only: on the 2-core CPU it trained at 0.69x the eager speed, 0.59x the compiled
-    layer's (results/README.md), after tens of seconds of compiling. The choice is printed in one line, recorded in each metrics row and in
-    the checkpoint, and a resumed run keeps it (or continues an unfinished trial), so that it
-    trains exactly as the uninterrupted run. Why measure: how fast inductor's code is depends on
+    layer's (results/README.md), after tens of seconds of compiling. The choice is printed in one
+    line, recorded in each metrics row and in the checkpoint, and a resumed run keeps it (or
+    continues an unfinished trial), so that it trains exactly as the uninterrupted run. Why measure: how fast inductor's code is depends on
     the torch release and the machine, and a faster default on one machine can be the slower one
     on another (results/README.md). `network` is the trainer's BatchLoss (the whole step's switch)."""
 
@@ -304,8 +308,8 @@ class CompileChoice:
 
     def decide(self):
         median = {k: sorted(t)[len(t) // 2] for k, t in self.times.items()}
-        failed = {"compiled": self.model.compiled.failed,
-                  "step": self.network is not None and self.network.whole_step is not None and self.network.whole_step.failed}
+        whole = self.network.whole_step if self.network is not None else None
+        failed = {"compiled": self.model.compiled.failed, "step": whole is not None and whole.failed}
         usable = {k: m for k, m in median.items() if not failed.get(k)}
         self.choice = min(usable, key=usable.get)  # the first of equals: compiled before eager
         why = ", ".join(f"{m:.3f} s {k}" for k, m in median.items())

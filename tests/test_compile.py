@@ -122,7 +122,8 @@ def test_auto_falls_back_to_eager_when_compiling_failed(capsys):
 def test_compile_flag_values():
     parser = cn.build_parser()
     for argv, value in (([], "auto"), (["--compile"], True), (["--no-compile"], False),
-                        (["--compile", "off"], False), (["--compile", "on"], True), (["--compile", "auto"], "auto"), (["--compile", "step"], "step")):
+                        (["--compile", "off"], False), (["--compile", "on"], True), (["--compile", "auto"], "auto"),
+                        (["--compile", "step"], "step")):
         assert cn.make_config(parser.parse_args(argv), None)["COMPILE"] == value, argv
     done = run_main(["--compile", "sometimes"])
     lines = done.stderr.strip().splitlines()
