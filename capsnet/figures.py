@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from capsnet.data import to_float_images
+from capsnet.efficient import rotate
 from capsnet.meters import matched_predictions
 from capsnet.runtime import autocast, read_metrics
 
@@ -155,29 +156,51 @@ def plot_fig5_png(tiles, path):
 def plot_curves_png(rows, path):
     """Test accuracy (top) and train/test loss (bottom, log scale) per epoch from metrics.jsonl rows,
     drawn with matplotlib (no display needed)."""
+    curves_figure([("", rows)]).savefig(path)
+
+
+def plot_runs_png(runs, path):
+    """Several runs' curves in one picture: runs [(label, metrics rows), ...], one colour each."""
+    curves_figure(runs).savefig(path)
+
+
+def curves_figure(runs):
+    """The matplotlib Figure of plot_curves_png (one run, titled with its final epoch) or of
+    plot_runs_png (several; the legend gives each one's final epoch). Runs may use different loss
+    formulas (the authors' half-mean margin loss, eq. 4's sum): each is drawn in its own units."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(8, 6), dpi=120, layout="constrained")
+    fig = Figure(figsize=(8, 6) if len(runs) == 1 else (9, 7), dpi=120, layout="constrained")
     accuracy, loss = fig.subplots(2, 1, sharex=True)
-    accuracy.plot(epochs, [r["test_accuracy"] for r in rows], "o-", ms=3, color="tab:red", label="test")
+    for k, (label, rows) in enumerate(runs):
+        epochs, last = [r["epoch"] for r in rows], rows[-1]
+        if len(runs) == 1:
+            colors, names = {"test": "tab:red", "train": "tab:blue"}, {"test": "test", "train": "train"}
+            accuracy.set_title(f"final epoch {epochs[-1]}: {last['test_accuracy']:.2f}% test accuracy, "
+                               f"test loss {last['test_loss']:.4f}")
+        else:
+            colors = {"test": f"C{k}", "train": f"C{k}"}
+            names = {"test": f"{label}: test, final {last['test_loss']:.4f}", "train": f"{label}: train"}
+        accuracy.plot(epochs, [r["test_accuracy"] for r in rows], "o-", ms=3, color=colors["test"],
+                      label="test" if len(runs) == 1 else f"{label}: final epoch {last['test_accuracy']:.2f}%")
+        loss.plot(epochs, [r["test_loss"] for r in rows], "o-", ms=3, color=colors["test"], label=names["test"])
+        loss.plot(epochs, [r["train_loss"] for r in rows], "o-" if len(runs) == 1 else "--", ms=3,
+                  color=colors["train"], alpha=1 if len(runs) == 1 else 0.6, label=names["train"])
     accuracy.set_ylabel("test accuracy (%)")
-    accuracy.set_title(f"final epoch {epochs[-1]}: {rows[-1]['test_accuracy']:.2f}% test accuracy, "
-                       f"test loss {rows[-1]['test_loss']:.4f}")
-    for key, color in (("train_loss", "tab:blue"), ("test_loss", "tab:red")):
-        loss.plot(epochs, [r[key] for r in rows], "o-", ms=3, color=color, label=key.split("_")[0])
+    if len(runs) > 1:  # several good runs: the last points differ by hundredths of a percent
+        accuracy.set_ylim(bottom=max(accuracy.get_ylim()[0], 98.0))
     loss.set_yscale("log")
     loss.yaxis.set_major_locator(LogLocator(subs=(1, 2, 3, 5)))  # round values: 0.01, 0.02, 0.03, 0.05, 0.1
     loss.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     loss.yaxis.set_minor_formatter(NullFormatter())
-    loss.set_ylabel("loss (margin + 0.0005 x SSE)")
+    loss.set_ylabel("loss (margin + 0.0005 x SSE)" if len(runs) == 1 else "loss (each run's own formula)")
     loss.set_xlabel("epoch")
     loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (accuracy, loss):
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.savefig(path)
+        ax.legend(fontsize=None if len(runs) == 1 else 8)
+    return fig
 
 
 def plot_routing_png(rows, path):
@@ -240,12 +263,8 @@ def rotation_sweep(model, images, step=10):
     model.eval()
     K, C, H, W = images.shape
     angles = torch.arange(0, 360, step, dtype=torch.float32)
-    radians = torch.deg2rad(angles).to(images.device)
-    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (A, 2, 3)
-    grid = F.affine_grid(theta, (len(angles), C, H, W), align_corners=False)  # (A, H, W, 2)
-    rotated = torch.stack([F.grid_sample(image.expand(len(angles), C, H, W), grid, align_corners=False)
-                           for image in images])  # (K, A, C, H, W)
+    A = len(angles)  # the resampler of Efficient-CapsNet's rotation augmentation, every image at every angle
+    rotated = rotate(images.repeat_interleave(A, 0), angles.to(images.device).repeat(K)).reshape(K, A, C, H, W)
     lengths, recon = model(rotated.flatten(0, 1))
     model.train(was_training)
     return angles, lengths.float().reshape(K, len(angles), -1), rotated, recon.float().reshape(rotated.shape)

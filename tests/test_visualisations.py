@@ -2,7 +2,10 @@
 --export-weights."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,6 +126,32 @@ def test_visualize_without_matplotlib_writes_the_rest_and_warns_once(trained_run
     assert len(err) == 1 and err[0].startswith("warning: matplotlib is not installed"), err
     assert os.path.exists(os.path.join(run, "couplings.png")) and not os.path.exists(os.path.join(run, "curves.png"))
     assert not os.path.exists(os.path.join(run, "rotation.png"))
+
+
+def test_compare_runs_draws_each_run_with_its_final_epoch(tmp_path):
+    """results/compare-runs.py: one accuracy and two loss lines per run, the legend giving each
+    run's label and final epoch; the script writes a PNG."""
+    rows = {"a": [{"epoch": e, "test_accuracy": 98 + e / 10, "test_loss": 0.1 / e, "train_loss": 0.2 / e}
+                  for e in (1, 2, 3)],
+            "b": [{"epoch": e, "test_accuracy": 97 + e / 4, "test_loss": 0.3 / e, "train_loss": 0.4 / e}
+                  for e in (1, 2)]}
+    accuracy, loss = figures.curves_figure(list(rows.items())).axes
+    legend = [t.get_text() for t in accuracy.get_legend().get_texts()]
+    assert legend == ["a: final epoch 98.30%", "b: final epoch 97.50%"], legend
+    assert [line.get_ydata().tolist() for line in accuracy.get_lines()] == [
+        [r["test_accuracy"] for r in rows[k]] for k in rows]
+    assert [line.get_label() for line in loss.get_lines()] == [
+        "a: test, final 0.0333", "a: train", "b: test, final 0.1500", "b: train"]
+    paths = []
+    for name, run in rows.items():
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in run))
+    out = tmp_path / "both.png"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "compare-runs.py")
+    done = subprocess.run([sys.executable, script, str(out), *(f"{k}={p}" for k, p in zip(rows, paths))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert_png(out)
 
 
 def test_export_weights_fp16_and_evaluate_them(trained_run, tmp_path):
