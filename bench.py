@@ -335,7 +335,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         "peak_memory_mib": round(peak_memory_mib(device), 1),
         "settings": {"amp": dtype is not None, "compile": "compiled vs eager" if compile_vs_eager else cfg["COMPILE"],
                      "capsule_layer": choice.choice if choice else "/".join(kinds),
-                     "channels_last": cfg["CHANNELS_LAST"],
+                     "channels_last": cfg["CHANNELS_LAST"], "routing_bf16": cfg["ROUTING_BF16"],
                      "cpu_dft_conv": device.type == "cpu" and cfg["CPU_DFT_CONV"] and cfg["MODEL"] == "capsnet",
                      "cpu_malloc_tuning": bool(malloc_tuned), "threads": torch.get_num_threads(),
                      "cudnn_benchmark": device.type == "cuda", "tf32": device.type == "cuda"},
@@ -343,7 +343,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         **errors,
     }
     print(f"{cfg['MODEL']} ({cfg['DECODER']} decoder, {result['parameters']:,} parameters), device "
-          f"{result['device_name']}, {result['dtype']}, {cfg['DATASET']} {model.in_channels}x{result['input']} "
+          f"{result['device_name']}, {result['dtype']}{', routing products in bf16' * cfg['ROUTING_BF16']}, {cfg['DATASET']} {model.in_channels}x{result['input']} "
           f"({model.num_classes} classes), "
           f"batch {cfg['BATCH_SIZE']} (eval "
           f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} "

@@ -122,6 +122,7 @@ CHANNELS_LAST: bool = False  # channels_last memory format for the convolutions 
 CPU_MALLOC_TUNING: bool = True  # keep glibc from returning big activations to the OS each step (CPU)
 CPU_DFT_CONV: bool = True  # CPU: PrimaryCaps convolution through small DFTs (same math, ~3x fewer FLOPs)
 CPU_GEMM_WEIGHT_GRAD: bool = True  # CPU, CPU_DFT_CONV off: PrimaryCaps weight gradient as one im2col GEMM
+ROUTING_BF16: bool = False  # DigitCaps' three matrix products in bf16 (softmax, squash, sums stay fp32): faster, not fp32, so off
 # logging: terminal, Visdom, figures
 PROGRESS_EVERY: int = 25  # every N batches: running loss/accuracy in the tqdm bar, a point in Visdom's live windows
 RECON_IMAGES: int = 16  # test images shown next to their reconstructions in Visdom
@@ -249,10 +250,12 @@ def routing_as_written(W, u, iterations, record, leaky=False, bias=None):
     return v, c, (torch.stack(changes) if record else None)
 
 
-def capsule_layer(W, u, iterations, record, children_last=False, leaky=False, bias=None):
+def capsule_layer(W, u, iterations, record, children_last=False, leaky=False, bias=None, product_dtype=None):
     """DigitCaps with routing: W (J, I, E, D), primary capsules u (B, I, D) -> v (B, J, E),
     c (B, I, J) and, if `record`, the mean |change of b_ij| per iteration (iterations,), else None.
-    `bias` (J, E) is added to s_j before the squash, as in dynamic_routing.
+    `bias` (J, E) is added to s_j before the squash, as in dynamic_routing. `product_dtype`
+    (ROUTING_BF16: torch.bfloat16) is what the three matrix products read; their results, and
+    everything else, stay in W's dtype.
 
     The same computation as dynamic_routing(u_hat) with u_hat_j|i = W_ij u_i (tests check this),
     factored so that u_hat, 1152 x 10 x 16 numbers per image, is never built:
@@ -275,22 +278,24 @@ def capsule_layer(W, u, iterations, record, children_last=False, leaky=False, bi
         Wk = W.permute(0, 2, 1, 3).reshape(J, E, I * D)  # (J, E, K): row e of W_ij for every k = (i, d)
         uk = u.unsqueeze(0)  # (1, B, I, D)
         dim_d = 3
+    low = product_dtype or W.dtype
+    Wl, ul = Wk.to(low), uk.to(low)  # the products' inputs (the same tensors without product_dtype)
     changes = []
     b = None  # routing logits, (J, B, I); b_ij = 0 before the first iteration
     for r in range(iterations):
         if b is None:
             parents = J + 1 if leaky else J  # softmax of zeros over the parents
             c = u.new_full((J, B, I), 1.0 / parents)
-            s = (uk.reshape(B, I * D) @ Wk.reshape(J * E, I * D).t()).reshape(B, J, E).transpose(0, 1) / parents
+            s = (ul.reshape(B, I * D) @ Wl.reshape(J * E, I * D).t()).to(W.dtype).reshape(B, J, E).transpose(0, 1) / parents
         else:
             c = parent_softmax(b, 0, leaky)  # (J, B, I), softmax over parents j
-            x = (c.unsqueeze(dim_d) * uk).reshape(J, B, I * D)  # (J, B, K): c_ij u_i
-            s = torch.bmm(x, Wk.transpose(1, 2))  # (J, B, E) = sum_i c_ij W_ij u_i
+            x = (c.to(low).unsqueeze(dim_d) * ul).reshape(J, B, I * D)  # (J, B, K): c_ij u_i
+            s = torch.bmm(x, Wl.transpose(1, 2)).to(W.dtype)  # (J, B, E) = sum_i c_ij W_ij u_i
         if bias is not None:
             s = s + bias.unsqueeze(1)  # (J, B, E)
         v = squash(s)  # (J, B, E)
         if r < iterations - 1 or record:
-            wv = torch.bmm(v, Wk).reshape(J, *uk.shape[1:])  # W_ij^T v_j
+            wv = torch.bmm(v.to(low), Wl).to(W.dtype).reshape(J, *uk.shape[1:])  # W_ij^T v_j
             agreement = (wv * uk).sum(dim_d)  # (J, B, I) = u_hat_j|i . v_j
             if record:
                 changes.append(agreement.detach().abs().mean())
@@ -316,8 +321,10 @@ class CapsuleNet(nn.Module):
                  decoder_hidden=(DECODER_HIDDEN1, DECODER_HIDDEN2), image_size=28,
                  dft_conv=CPU_DFT_CONV, gemm_weight_grad=CPU_GEMM_WEIGHT_GRAD, cpu_malloc_tuning=CPU_MALLOC_TUNING,
                  in_channels=1, init=INIT, primary_scale=PRIMARY_SCALE, digit_caps_bias=DIGIT_CAPS_BIAS,
-                 routing_impl=ROUTING_IMPL, decoder=DECODER, conv1_leaky=CONV1_LEAKY):
+                 routing_impl=ROUTING_IMPL, decoder=DECODER, conv1_leaky=CONV1_LEAKY, routing_bf16=ROUTING_BF16):
         super().__init__()
+        if routing_bf16 and routing_impl != "factored":
+            raise ValueError("ROUTING_BF16 is an option of the factored capsule layer (ROUTING_IMPL factored)")
         if image_size < smallest_input(kernel_size):
             raise ValueError(f"{image_size}x{image_size} images are too small for {kernel_size}x{kernel_size} "
                              f"Conv1 and PrimaryCaps: the smallest is {smallest_input(kernel_size)}")
@@ -342,8 +349,12 @@ class CapsuleNet(nn.Module):
             self.init_as_authors()
         self.record_routing = False  # when True, capsules() appends Appendix A's logit changes
         self.logit_changes = []
-        # the routing that runs: the factored capsule_layer, or Procedure 1 as written
-        self.routing = capsule_layer if routing_impl == "factored" else routing_as_written
+        # the routing that runs: the factored capsule_layer (products in bf16 with routing_bf16), or
+        # Procedure 1 as written
+        self.factored, self.routing_bf16 = routing_impl == "factored", routing_bf16
+        self.routing = capsule_layer if self.factored else routing_as_written
+        if routing_bf16:
+            self.routing = functools.partial(capsule_layer, product_dtype=torch.bfloat16)
         self.capsule_layer = self.routing  # replaced by a compiled version by use_compile()
         self.compiled = None  # the CompiledOrEager capsule layer, once use_compile() made it
         self.dft_conv = dft_conv  # on CPU tensors only (conv2d_dft)
@@ -382,8 +393,9 @@ class CapsuleNet(nn.Module):
         convolutions stay on the vendor kernels (compiling them made CPU training slower).
         use_compile(False) switches back to the eager capsule layer (the compiled one is kept)."""
         if compiled and self.compiled is None:
-            fast = self.routing is capsule_layer  # its layout for compiled code (see capsule_layer)
-            self.compiled = CompiledOrEager(functools.partial(capsule_layer, children_last=True) if fast else self.routing)
+            # the factored layer in its layout for compiled code (see capsule_layer)
+            self.compiled = CompiledOrEager(functools.partial(self.routing, children_last=True) if self.factored
+                                            else self.routing)
         self.capsule_layer = self.compiled if compiled else self.routing
 
     def primary_capsules(self, images):
@@ -490,7 +502,8 @@ def build_model(cfg):
                       dft_conv=cfg["CPU_DFT_CONV"], gemm_weight_grad=cfg["CPU_GEMM_WEIGHT_GRAD"],
                       cpu_malloc_tuning=cfg["CPU_MALLOC_TUNING"], init=cfg["INIT"],
                       primary_scale=cfg["PRIMARY_SCALE"], digit_caps_bias=cfg["DIGIT_CAPS_BIAS"],
-                      routing_impl=cfg["ROUTING_IMPL"], decoder=cfg["DECODER"], conv1_leaky=cfg["CONV1_LEAKY"])
+                      routing_impl=cfg["ROUTING_IMPL"], decoder=cfg["DECODER"], conv1_leaky=cfg["CONV1_LEAKY"],
+                      routing_bf16=cfg["ROUTING_BF16"])
 
 
 def build_optimizer(model, cfg):
@@ -520,6 +533,8 @@ def model_line(model, device, amp, data, cfg=None):
     and the authors' choices that are on."""
     choices = authors_choices(cfg) if cfg is not None else []
     name = "Efficient-CapsNet" if isinstance(model, EfficientBody) else "CapsNet"
+    if getattr(model, "routing_bf16", False):
+        amp += "; routing products in bf16 (ROUTING_BF16)"
     return (f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
             f"({amp}); {data.name}: {data.describe()}, "
             f"{data.channels}x{data.image_size}x{data.image_size} input, {model.grid}x{model.grid} grid of "

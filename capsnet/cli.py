@@ -98,6 +98,9 @@ def validate_config(cfg, datasets):
         (cfg["ROUTING_ITERATIONS"] >= 1, "--routing-iterations must be >= 1"),
         (cfg["ROUTING_IMPL"] in ("factored", "reference"),
          f"--routing-impl must be factored or reference, not {cfg['ROUTING_IMPL']!r}"),
+        (not cfg["ROUTING_BF16"] or (cfg["MODEL"] == "capsnet" and cfg["ROUTING_IMPL"] == "factored"),
+         "--routing-bf16 is an option of the paper's CapsNet with the factored routing (--model capsnet, "
+         "--routing-impl factored)"),
         (min(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
              cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]) >= 1, "layer sizes must be >= 1"),
         (cfg["NUM_CLASSES"] >= 0, "--num-classes must be >= 0 (0 = the data set's)"),

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from conftest import cn
+from conftest import cn, describe, load_pt, run_main, small_model, train_args
+from capsnet import runtime  # noqa: E402
 
 
 def reference_routing(u_hat, iterations):
@@ -198,3 +199,68 @@ def test_the_model_routes_leakily_when_asked():
     with torch.no_grad():
         _, c = model.capsules(torch.rand(2, 1, 28, 28))
     assert (c.sum(-1) < 1 - 1e-6).all()
+
+
+@pytest.mark.parametrize("children_last", [False, True])
+def test_bf16_products_keep_the_routing_to_bf16_precision(children_last):
+    """ROUTING_BF16, capsule_layer(product_dtype=torch.bfloat16): the three matrix products read
+    bf16, the rest stays fp32. v, c, the logit changes and both gradients come out fp32, within
+    bf16's precision of the exact routing (fp64), and more than 10x further from it than the fp32
+    layer (so the products do run in bf16)."""
+    g = torch.Generator().manual_seed(3)
+    J, I, E, D, B = 10, 4 * 36, 16, 8, 4
+    W64 = 0.1 * torch.randn(J, I, E, D, generator=g, dtype=torch.float64)
+    u64 = cn.squash(torch.randn(B, I, D, generator=g, dtype=torch.float64))
+    probe = torch.randn(B, J, E, generator=g, dtype=torch.float64)
+
+    def run(dtype, product_dtype=None):
+        W, u = W64.to(dtype).requires_grad_(), u64.to(dtype).requires_grad_()
+        v, c, changes = cn.capsule_layer(W, u, 3, True, children_last=children_last, product_dtype=product_dtype)
+        grads = torch.autograd.grad((v * probe.to(dtype)).sum() + (c ** 2).sum(), (W, u))
+        return v, c, changes, *grads
+
+    exact, fp32, bf16 = run(torch.float64), run(torch.float32), run(torch.float32, torch.bfloat16)
+    for name, want, a, b in zip(("v", "c", "logit changes", "dW", "du"), exact, fp32, bf16):
+        assert b.dtype == torch.float32, name
+        scale = want.abs().max()
+        err32, err16 = ((a.double() - want).abs().max() / scale).item(), ((b.double() - want).abs().max() / scale).item()
+        assert err16 < 3e-2 and err16 > 10 * err32, (name, err16, err32)
+
+
+def test_the_model_routes_in_bf16_when_asked():
+    """CapsuleNet(routing_bf16=True) runs capsule_layer with bf16 products, eager and compiled (its
+    layout for compiled code); its capsules stay fp32, near the fp32 model's with the same weights.
+    With the routing as written (ROUTING_IMPL reference) it is a ValueError."""
+    plain, low = small_model(), small_model(routing_bf16=True)
+    low.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (v, c), (v16, c16) = plain.capsules(x), low.capsules(x)
+    assert v16.dtype == c16.dtype == torch.float32 and not torch.equal(v16, v)
+    torch.testing.assert_close(v16, v, rtol=3e-2, atol=2e-3)
+    torch.testing.assert_close(c16, c, rtol=3e-2, atol=2e-3)
+    low.use_compile(True)
+    layer = low.compiled.eager
+    assert layer.func is cn.capsule_layer and layer.keywords == {"product_dtype": torch.bfloat16, "children_last": True}
+    plain.use_compile(True)
+    assert plain.compiled.eager.keywords == {"children_last": True}
+    with pytest.raises(ValueError, match="ROUTING_BF16"):
+        small_model(routing_impl="reference", routing_bf16=True)
+
+
+def test_routing_bf16_flag_shows_in_the_model_line_and_stays_on_when_resumed(tiny_mnist, tmp_path):
+    """--routing-bf16 trains, says so in the model line, is saved in the checkpoint and kept by
+    --resume; with --routing-impl reference or Efficient-CapsNet it is one usage error."""
+    run_dir = str(tmp_path / "run")
+    done = run_main(train_args(tiny_mnist["root"], run_dir, "--routing-bf16", epochs=1))
+    assert done.returncode == 0, describe(done)
+    assert "routing products in bf16 (ROUTING_BF16)" in done.stdout
+    assert load_pt(f"{run_dir}/last.pt")["config"]["ROUTING_BF16"] is True
+    done = run_main(train_args(tiny_mnist["root"], run_dir, "--resume", f"{run_dir}/last.pt", epochs=2))
+    assert done.returncode == 0 and "routing products in bf16" in done.stdout, describe(done)
+    parser = cn.build_parser()
+    for argv in (["--routing-bf16", "--routing-impl", "reference"], ["--routing-bf16", "--model", "efficient-capsnet"]):
+        with pytest.raises(runtime.UsageError, match="--routing-bf16 is an option of the paper's CapsNet"):
+            cn.make_config(parser.parse_args(argv), None)
+    assert "routing products" not in cn.model_line(small_model(), "cpu", "fp32", type("Data", (), {
+        "name": "mnist", "describe": lambda self: "", "channels": 1, "image_size": 28})(), None)
