@@ -343,7 +343,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         **errors,
     }
     print(f"{cfg['MODEL']} ({cfg['DECODER']} decoder, {result['parameters']:,} parameters), device "
-          f"{result['device_name']}, {result['dtype']}{', routing products in bf16' * cfg['ROUTING_BF16']}, {cfg['DATASET']} {model.in_channels}x{result['input']} "
+          f"{result['device_name']}, {result['dtype']}{', routing products in bf16' if cfg['ROUTING_BF16'] else ''}, "
+          f"{cfg['DATASET']} {model.in_channels}x{result['input']} "
           f"({model.num_classes} classes), "
           f"batch {cfg['BATCH_SIZE']} (eval "
           f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} "

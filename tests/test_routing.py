@@ -1,5 +1,7 @@
 """dynamic_routing (Procedure 1): u_hat (B, I, J, E) -> v (B, J, E), couplings c (B, I, J)."""
 
+import types
+
 import pytest
 import torch
 
@@ -262,5 +264,5 @@ def test_routing_bf16_flag_shows_in_the_model_line_and_stays_on_when_resumed(tin
     for argv in (["--routing-bf16", "--routing-impl", "reference"], ["--routing-bf16", "--model", "efficient-capsnet"]):
         with pytest.raises(runtime.UsageError, match="--routing-bf16 is an option of the paper's CapsNet"):
             cn.make_config(parser.parse_args(argv), None)
-    assert "routing products" not in cn.model_line(small_model(), "cpu", "fp32", type("Data", (), {
-        "name": "mnist", "describe": lambda self: "", "channels": 1, "image_size": 28})(), None)
+    data = types.SimpleNamespace(name="mnist", describe=lambda: "", channels=1, image_size=28)
+    assert "routing products" not in cn.model_line(small_model(), "cpu", "fp32", data)
