@@ -281,7 +281,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     optimizer = cn.build_optimizer(model, cfg)
     dtype = runtime.amp_dtype(device, cfg["AMP"])
     network = cn.BatchLoss(model, cn.build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
-                         crop=cfg["CROP_SIZE"], flip=cfg["FLIP"], augment=cfg["AUGMENT"])
+                         crop=cfg["CROP_SIZE"], flip=cfg["FLIP"], augment=cfg["AUGMENT"], distort=cfg["DISTORT"])
     batch = data_batch(cfg, cfg["BATCH_SIZE"], device)
     eval_batch = data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)
 

@@ -79,35 +79,71 @@ def check_idx_header(path):
                          f"{magic:#010x}, expected {expected:#010x})")
 
 
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
 def read_cifar10(data_dir, train):
-    """CIFAR-10's python batches in DATA_DIR/cifar-10-batches-py (data_batch_1..5, test_batch: pickled
-    dicts of b"data" (N, 3072) uint8 and b"labels"), as torchvision keeps them -> images uint8
-    (N, 3, 32, 32), labels, class names. Read here rather than through torchvision, whose loader
-    insists on the MD5 sums of the real files."""
-    import pickle
-
-    import numpy as np
-
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
-    names = [f"data_batch_{k}" for k in range(1, 6)] if train else ["test_batch"]
+    """CIFAR-10 from either official version in DATA_DIR -> images uint8 (N, 3, 32, 32), labels int64,
+    class names, in the files' order: the binary version (cifar-10-batches-bin/data_batch_1.bin ...
+    data_batch_5.bin, test_batch.bin: records of 1 label byte and 3,072 pixel bytes, red, green,
+    blue planes of 32x32 rows) when all its files for the split are there, else the python version
+    (cifar-10-batches-py/data_batch_1 ... 5, test_batch: pickled dicts of b"data" (N, 3072) uint8
+    and b"labels"). Read here rather than through torchvision, whose loader insists on the MD5
+    sums of the real files and has no binary reader. Raises UsageError (one line) if neither
+    version is complete and readable."""
+    stems = [f"data_batch_{k}" for k in range(1, 6)] if train else ["test_batch"]
+    binary = os.path.join(data_dir, "cifar-10-batches-bin")
+    python = os.path.join(data_dir, "cifar-10-batches-py")
+    if all(os.path.isfile(os.path.join(binary, f"{stem}.bin")) for stem in stems):
+        reader, folder, names = read_cifar10_bin, binary, [f"{stem}.bin" for stem in stems]
+    elif os.path.isdir(python) or not os.path.isdir(binary):
+        reader, folder, names = read_cifar10_pickle, python, stems
+    else:
+        missing = [f"{stem}.bin" for stem in stems if not os.path.isfile(os.path.join(binary, f"{stem}.bin"))]
+        raise UsageError(f"cannot load CIFAR-10 from {binary}: {', '.join(missing)} missing (expected "
+                         f"data_batch_1.bin ... data_batch_5.bin and test_batch.bin, or the python version "
+                         f"in {python})")
     images, labels = [], []
     for name in names:
         path = os.path.join(folder, name)
         try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
+            data, batch_labels = reader(path)
             if len(batch_labels) != len(data):
                 raise ValueError(f"{len(batch_labels)} labels for {len(data)} images")
-        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            if len(batch_labels) and not 0 <= int(batch_labels.min()) <= int(batch_labels.max()) <= 9:
+                raise ValueError("labels outside 0..9")
+        except (OSError, EOFError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise UsageError(f"cannot load CIFAR-10 from {folder} (expected data_batch_1 ... data_batch_5 and "
-                             f"test_batch, the python version): {os.path.basename(path)}: "
-                             f"{type(e).__name__}: {e}") from None
+                             f"test_batch, of the binary version in cifar-10-batches-bin or the python version "
+                             f"in cifar-10-batches-py): {name}: {type(e).__name__}: {e}") from None
         images.append(data)
         labels.append(batch_labels)
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), classes
+    return torch.cat(images), torch.cat(labels), list(CIFAR10_CLASSES)
+
+
+def read_cifar10_bin(path):
+    """One file of CIFAR-10's binary version: records of 1 label byte + 3 x 32 x 32 pixel bytes."""
+    raw = torch.frombuffer(bytearray(open(path, "rb").read()), dtype=torch.uint8)
+    record = 1 + 3 * 32 * 32
+    if len(raw) == 0 or len(raw) % record:
+        raise ValueError(f"{len(raw):,} bytes is not a whole number of {record:,}-byte records")
+    raw = raw.view(-1, record)
+    return raw[:, 1:].reshape(-1, 3, 32, 32).clone(), raw[:, 0].long()
+
+
+def read_cifar10_pickle(path):
+    """One file of CIFAR-10's python version: a pickled dict of b"data" (N, 3072) and b"labels"."""
+    import pickle
+
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"not a pickle: {e}") from None
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return torch.from_numpy(data.copy()), torch.as_tensor(np.asarray(batch[b"labels"], dtype=np.int64))
 
 
 def read_svhn(data_dir, train):
@@ -361,6 +397,30 @@ def random_crop_flip(images, size, flip):
     rows = top + torch.arange(size, device=device).view(1, size, 1)  # (B, size, 1)
     batch = torch.arange(B, device=device).view(B, 1, 1)
     return images.permute(0, 2, 3, 1)[batch, rows, left + cols].permute(0, 3, 1, 2)
+
+
+def random_brightness_contrast(images, max_delta=63 / 255, contrast=(0.2, 1.8)):
+    """The authors' CIFAR10 distortions (input_data/cifar10/cifar10_input.py), per image, on the
+    images' device, in their order: a brightness change uniform in [-max_delta, max_delta] added to
+    every pixel (63 on their 0..255 scale), then each channel's contrast scaled around its mean by a
+    factor uniform in `contrast`. Clamped to [0, 1] at the end (theirs are not clamped; here the
+    decoder draws these pixels through a sigmoid). images (B, C, H, W) in [0, 1] -> the same shape."""
+    B, dev = len(images), images.device
+    delta = (torch.rand(B, 1, 1, 1, device=dev) * 2 - 1) * max_delta
+    factor = contrast[0] + torch.rand(B, 1, 1, 1, device=dev) * (contrast[1] - contrast[0])
+    images = images + delta
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    return ((images - mean) * factor + mean).clamp_(0, 1)
+
+
+def standardize(images):
+    """Per-image standardisation (TensorFlow's per_image_standardization, the authors' CIFAR10 input):
+    each image minus the mean of all its values, divided by their standard deviation, or by
+    1/sqrt(values) where that is larger (a flat image stays finite). (B, C, H, W) -> the same."""
+    flat = images.flatten(1).float()
+    mean = flat.mean(1)
+    std = flat.std(1, unbiased=False).clamp(min=flat.shape[1] ** -0.5)
+    return ((images.float() - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)).to(images.dtype)
 
 
 def center_crop(images, size):

@@ -124,17 +124,23 @@ def emnist_names(split):
             for part in ("train", "test")]
 
 
-def write_cifar10(root):
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder, exist_ok=True)
+def write_cifar10(root, version="python"):
+    """Small CIFAR-10 files in one official version: "python" (cifar-10-batches-py, pickled dicts)
+    or "binary" (cifar-10-batches-bin, records of 1 label byte + 3,072 pixel bytes)."""
     images, labels = colour_images(N_TRAIN, 3, 32, 10, seed=3)
-    for k in range(5):  # five training batches of 12
-        part = slice(12 * k, 12 * (k + 1))
-        with open(os.path.join(folder, f"data_batch_{k + 1}"), "wb") as f:
-            pickle.dump({b"data": images[part].reshape(12, -1), b"labels": labels[part].tolist()}, f)
     test_images, test_labels = colour_images(N_TEST, 3, 32, 10, seed=4)
-    with open(os.path.join(folder, "test_batch"), "wb") as f:
-        pickle.dump({b"data": test_images.reshape(N_TEST, -1), b"labels": test_labels.tolist()}, f)
+    parts = [(f"data_batch_{k + 1}", images[12 * k:12 * (k + 1)], labels[12 * k:12 * (k + 1)]) for k in range(5)]
+    parts.append(("test_batch", test_images, test_labels))
+    folder = os.path.join(root, "cifar-10-batches-py" if version == "python" else "cifar-10-batches-bin")
+    os.makedirs(folder, exist_ok=True)
+    for name, part_images, part_labels in parts:  # five training batches of 12, the test batch
+        if version == "python":
+            with open(os.path.join(folder, name), "wb") as f:
+                pickle.dump({b"data": part_images.reshape(len(part_images), -1), b"labels": part_labels.tolist()}, f)
+        else:
+            records = np.concatenate([part_labels.astype(np.uint8)[:, None],
+                                      part_images.reshape(len(part_images), -1)], axis=1)
+            records.tofile(os.path.join(folder, name + ".bin"))
     return images, labels
 
 
@@ -406,3 +412,43 @@ def test_a_grey_folder_is_one_channel(tmp_path):
     write_folder(str(tmp_path / "colour"))
     images, _, _ = load_split(config("folder", str(tmp_path / "colour")), True)
     assert images.shape[1] == 3
+
+
+@pytest.mark.parametrize("version", ["python", "binary"])
+def test_cifar10_reads_either_official_version_pixel_for_pixel(version, tmp_path):
+    """The binary records and the pickled batches give the same images (red, green, blue planes of
+    32 rows) and labels, in the files' order, whichever version is in DATA_DIR."""
+    written, labels = write_cifar10(str(tmp_path), version)
+    images, read_labels, classes = load_split(config("cifar10", tmp_path), True)
+    assert torch.equal(images, torch.from_numpy(written)) and read_labels.tolist() == labels.tolist()
+    assert classes[0] == "airplane" and classes[9] == "truck"
+    test_images, test_labels, _ = load_split(config("cifar10", tmp_path), False)
+    assert torch.equal(test_images, torch.from_numpy(colour_images(N_TEST, 3, 32, 10, seed=4)[0]))
+
+
+def test_cifar10_prefers_a_complete_binary_version_and_falls_back_to_the_python_one(tmp_path):
+    write_cifar10(str(tmp_path), "python")
+    write_cifar10(str(tmp_path), "binary")
+    first = tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin"
+    first.write_bytes(bytes([7]) + bytes(3072) + first.read_bytes()[3073:])  # the binary copy's first image differs
+    images, labels, _ = load_split(config("cifar10", tmp_path), True)
+    assert int(labels[0]) == 7 and int(images[0].sum()) == 0
+    os.remove(first)  # incomplete binary version: the python one is read
+    images, labels, _ = load_split(config("cifar10", tmp_path), True)
+    assert int(labels[0]) == 0 and int(images[0].sum()) > 0
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda root: os.remove(os.path.join(root, "cifar-10-batches-bin", "test_batch.bin")),
+     "test_batch.bin missing"),
+    (lambda root: open(os.path.join(root, "cifar-10-batches-bin", "data_batch_2.bin"), "ab").write(b"xx"),
+     "data_batch_2.bin: ValueError: 36,878 bytes is not a whole number of 3,073-byte records"),
+    (lambda root: open(os.path.join(root, "cifar-10-batches-bin", "data_batch_4.bin"), "r+b").write(b"\x0c"),
+     "data_batch_4.bin: ValueError: labels outside 0..9"),
+])
+def test_a_broken_binary_cifar10_is_one_line(damage, fragment, tmp_path):
+    root = str(tmp_path / "data")
+    write_cifar10(root, "binary")
+    damage(root)
+    run = str(tmp_path / "run")
+    one_line_error(run_main(tiny(root, run, "cifar10")), fragment, run)
