@@ -171,7 +171,9 @@ def benchmark_worker(cfg, kind):
     if kind == "baseline":
         model, loss_fn = GramStyleCapsNet(*shape).to(device), gram_style_loss
     else:
-        model = cn.CapsuleNet(primary_caps=shape[3], num_classes=shape[2], image_size=shape[1], in_channels=shape[0])
+        config = cn.CapsNetConfig(image_channels=shape[0], image_size=shape[1], num_classes=shape[2],
+                                  primary_caps=shape[3])
+        model = fast.use_cpu_speedups(cn.CapsuleNet(config))  # what a user's script would call on the CPU
         model, loss_fn = model.to(device), cn.CapsuleLoss()
     optimizer = torch.optim.Adam(model.parameters())
     images_u8, labels = data_batch(cfg, cfg["BATCH_SIZE"], device)
@@ -297,7 +299,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
 
     def with_layer(kind, step):  # the same model, with the compiled or the eager capsule layer, or the whole step
         def run():
-            model.use_compile(kind != "eager")
+            fast.use_compiled_routing(model, kind != "eager")
             network.use_whole_step(kind == "step")
             step()
         return run
@@ -325,8 +327,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     peaks = {kind: w.finish() for kind, w in workers.items() if kind in rates}
     errors = {f"{kind}_error": w.error for kind, w in started.items() if w.error}  # e.g. a MemoryError
     result = {
-        "device": str(device), "device_name": device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
-        "model": cfg["MODEL"], "decoder": cfg["DECODER"], "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device), "device_name": runtime.device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
+        "model": cfg["MODEL"], "preset": cfg["PRESET"], "decoder": cfg["DECODER"], "parameters": sum(p.numel() for p in model.parameters()),
         "dataset": cfg["DATASET"], "input": f"{model.image_size}x{model.image_size}", "channels": model.in_channels,
         "classes": model.num_classes,
         "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
@@ -342,7 +344,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         "torch": torch.__version__,
         **errors,
     }
-    print(f"{cfg['MODEL']} ({cfg['DECODER']} decoder, {result['parameters']:,} parameters), device "
+    preset = f", preset {cfg['PRESET']}" if cfg["PRESET"] else ""
+    print(f"{cfg['MODEL']} ({cfg['DECODER']} decoder, {result['parameters']:,} parameters{preset}), device "
           f"{result['device_name']}, {result['dtype']}{', routing products in bf16' if cfg['ROUTING_BF16'] else ''}, "
           f"{cfg['DATASET']} {model.in_channels}x{result['input']} "
           f"({model.num_classes} classes), "
@@ -394,19 +397,6 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     return result
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-            return f"{model} ({os.cpu_count()} cores)"
-        except (OSError, StopIteration):
-            return "cpu"
-    return device.type
-
-
 # ---- main ----
 def build_parser():
     parser = cli.OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0].replace("\n", " "))
@@ -421,13 +411,13 @@ def build_parser():
 
 
 def make_config(args):
-    """The trainer's constants and this file's, then the flags given."""
-    cfg = dict(cn.default_config(), **{name: globals()[name] for name, _, _ in cli.constants_table(__file__)})
-    explicit = {name: getattr(args, name) for name in cfg if getattr(args, name, None) is not None}
-    cfg.update(cn.DATASETS.get(explicit.get("DATASET", cfg["DATASET"]), {}).get("settings", {}))
-    cfg.update(explicit)
-    cli.validate_config(cfg, cn.DATASETS)
-    data.nominal_data_settings(cfg, cn.DATASETS[cfg["DATASET"]])
+    """The trainer's configuration made as the trainer makes it (capsule_network.configure: its
+    constants, the data set's settings, presets, the flags given), this file's constants and flags,
+    and what the data would decide, from the data set's usual shape (data.nominal_data_settings)."""
+    cfg = cn.configure(cn.flags_given(args))[0]
+    for name, _, _ in cli.constants_table(__file__):
+        cfg[name] = globals()[name] if getattr(args, name, None) is None else getattr(args, name)
+    data.nominal_data_settings(cfg)
     for ok, message in ((cfg["BENCHMARK_STEPS"] >= 1, "--benchmark-steps must be >= 1"),
                         (cfg["BENCHMARK_WARMUP"] >= 0, "--benchmark-warmup must be >= 0"),
                         (cfg["BENCHMARK_ROUNDS"] >= 1, "--benchmark-rounds must be >= 1")):

@@ -11,58 +11,59 @@ loggers), tqdm and Visdom.
 
 The file, top to bottom (support code lives in the capsnet/ package beside it):
     constants      every tunable, grouped: data, model and loss (as in the paper), the authors'
-                   code's choices, training, speed, logging; each one is also a flag. PRESETS
-                   (named recipes) and DATASETS (each data set and the paper's settings for it)
+                   code's choices, training, speed, logging; each one is also a flag. A constant
+                   written None takes the data set's value from DATASET_SETTINGS (the paper's
+                   settings for each data set); PRESETS are named recipes
     model          squash (eq. 1), dynamic_routing (Procedure 1 as written; --routing-impl
-                   reference trains it), capsule_layer (the same routing factored: the default),
-                   CapsuleNet (Fig. 1 and 2); EfficientCapsNet (--model efficient-capsnet: the
-                   network of capsnet/efficient.py with this file's decoder and class scores)
+                   reference trains it), factored_routing (the same routing factored: the default),
+                   CapsNetConfig and CapsuleNet (Fig. 1 and 2); EfficientCapsNet (--model
+                   efficient-capsnet: the network of capsnet/efficient.py with this file's decoder)
     loss           CapsuleLoss: margin loss (eq. 4) + 0.0005 x summed squared reconstruction
-                   error; build_model, build_optimizer, build_loss from the constants
+                   error; build_model, build_optimizer, build_loss from the settings
     one step       BatchLoss: what torchnet's Engine calls per batch (shift, forward, loss)
     epoch loop     Trainer (Engine hooks: train pass, test pass, metrics, checkpoints, Visdom),
                    run_training
-    other modes    run_eval (--eval-only, ensembles), run_visualize (--visualize), run_predict
-                   (--predict), export_weights (--export-weights)
-    command line   the configuration (constants < data set < checkpoint < preset < flags), main()
-capsnet/: data.py (readers, batches, shifts, MultiMNIST), fast.py (the CPU's faster PrimaryCaps
-convolution, the compile choice, the whole compiled step), meters.py, figures.py (also --predict's
-output), visdom_plots.py, runtime.py (devices, RNG, checkpoints, torchrun), cli.py (flags from the
-constants), efficient.py (Efficient-CapsNet).
-The speed benchmark is bench.py, beside this file. Measured results and the commands behind them
-are in README.md; the lab notes in results/README.md.
+    command line   the flags, the settings (capsnet/config.py: constants < data set < checkpoint <
+                   preset < flags), main(); the other modes (--eval-only, --visualize, --predict,
+                   --export-weights) are in capsnet/modes.py
+capsnet/: config.py (the settings of a run), data.py (readers, batches, shifts, MultiMNIST),
+fast.py (the CPU's faster PrimaryCaps convolution, the compiled routing, the whole compiled step),
+meters.py, figures.py, modes.py, visdom_plots.py, runtime.py (devices, RNG, checkpoints, the run
+directory, torchrun), cli.py (flags from the constants), efficient.py (Efficient-CapsNet).
+The speed benchmark is bench.py, beside this file (the same flags). Measured results and the
+commands behind them are in README.md; the lab notes in results/README.md.
 """
 
 import contextlib
 import copy
+import dataclasses
 import functools
-import json
 import os
 import signal
 import sys
 import time
-import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # support code (capsnet/); multimnist_pairs and two_digit_scores are imported for users' scripts
-from capsnet.cli import OneLineParser, add_constant_flags, constants_table, validate_config
+from capsnet.cli import OneLineParser, add_constant_flags, constants_table
+from capsnet.config import MODEL_KEYS, make_config, settings_lines
 from capsnet.data import (input_size, load_data, multimnist_pairs, nominal_data_settings,  # noqa: F401
-                          random_brightness_contrast, random_crop_flip, random_shift, read_images_as_data,
-                          smallest_input, standardize, to_float_images)
+                          random_brightness_contrast, random_crop_flip, random_shift, smallest_input, standardize,
+                          to_float_images)
 from capsnet.decoders import DeconvDecoder
 from capsnet.efficient import EfficientBody, efficient_augment
-from capsnet.fast import CompileChoice, CompiledOrEager, WholeStep, conv1_primary_cpu
-from capsnet.figures import epoch_views, write_figures, write_predictions
-from capsnet.meters import (PassStats, matched_predictions, meter_values, pass_meters, print_evaluation,  # noqa: F401
+from capsnet.fast import CompileChoice, WholeStep, model_to_device, use_cpu_speedups
+from capsnet.figures import epoch_views
+from capsnet.meters import (PassStats, epoch_row, matched_predictions, pass_meters, print_epoch,  # noqa: F401
                             two_digit_scores)
-from capsnet.runtime import (Distributed, NonFiniteLoss, Preempted, UsageError, amp_choice, amp_dtype,
-                             atomic_torch_save, autocast, fresh_run_dir, how_it_ended, load_checkpoint, load_weights,
-                             model_to_device, resume_into, rng_state, set_rng_state, setup_process,
-                             stop_signals, sync, truncate_metrics, tune_cpu_malloc)
-from capsnet.visdom_plots import VisdomPlots
+from capsnet.modes import authors_choices, export_weights, model_line, run_eval, run_predict, run_visualize  # noqa: F401
+from capsnet.runtime import (Distributed, NonFiniteLoss, Preempted, RunRecord, UsageError, amp_choice, amp_dtype,
+                             autocast, fresh_run_dir, how_it_ended, load_checkpoint, load_weights, resume_into,
+                             rng_state, set_rng_state, setup_process, stop_signals, sync, truncate_metrics, wrap_ddp)
+from capsnet.visdom_plots import LiveProgress, VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
 # data
@@ -70,27 +71,27 @@ DATASET: str = "mnist"  # mnist, fashion-mnist, kmnist, emnist-balanced, emnist-
 DATA_DIR: str = "data"  # where the data set's files are, in torchvision's layouts: DATA_DIR/MNIST/raw, ... (README)
 TRAIN_SIZE: int = 0  # use the first N training images; 0 = all 60,000
 TEST_SIZE: int = 0  # use the first N test images; 0 = all 10,000
-IMAGE_SIZE: int = 0  # images resized to IMAGE_SIZE x IMAGE_SIZE before any crop; 0 = as stored (folder: 28)
+IMAGE_SIZE: int = None  # images resized to IMAGE_SIZE x IMAGE_SIZE before any crop; 0 = as stored; None = the data set's (smallnorb 48, folder 28, else 0)
 IMAGE_CHANNELS: int = 0  # folder: 1 or 3; 0 = the data set's (folder: 3 if any training image has colour, else 1)
-CROP_SIZE: int = 0  # random CROP_SIZE crops of training images, the central one at test; 0 = none (cifar10: 24)
-FLIP: bool = False  # random left-right flips of training images (cifar10)
-DISTORT: bool = False  # random brightness (+-63/255) and contrast (x0.2..1.8) per training image, after the crop (cifar10: the authors' code)
-STANDARDIZE: bool = False  # the network sees each image minus its mean, over its standard deviation; the decoder still draws [0, 1] pixels (cifar10: the authors' code)
-MAX_SHIFT: int = 2  # random shift of up to this many pixels per image, training only (paper, sec. 5; not multimnist)
+CROP_SIZE: int = None  # random CROP_SIZE crops of training images, the central one at test; 0 = none; None = the data set's (cifar10 24, smallnorb 32, else 0)
+FLIP: bool = None  # random left-right flips of training images; None = the data set's (cifar10 on, else off)
+DISTORT: bool = None  # random brightness (+-63/255) and contrast (x0.2..1.8) per training image, after the crop; None = the data set's (cifar10 on: the authors' code)
+STANDARDIZE: bool = None  # the network sees each image minus its mean, over its standard deviation (the decoder still draws [0, 1] pixels); None = the data set's (cifar10 on: the authors' code)
+MAX_SHIFT: int = None  # random shift of up to this many pixels per image, training only; None = the data set's (the paper: 2, sec. 5; 0 where crops or pairs replace it)
 MULTIMNIST_SHIFT: int = 4  # multimnist: each digit of a pair shifted by up to this many pixels in the 36x36 image
 AUGMENT: str = "none"  # more training augmentation, per image on the device: none, or efficient (Efficient-CapsNet's rotation, shift, squish, erase)
 MULTIMNIST_TEST_PAIRS: int = 1  # multimnist: fixed test images per MNIST test digit (the paper made 1,000)
 # model, as in the paper (sec. 4, Fig. 1 and 2)
 MODEL: str = "capsnet"  # capsnet: the paper's; efficient-capsnet: Mazzia et al. 2021, self-attention routing (capsnet/efficient.py)
-CONV1_CHANNELS: int = 256  # Conv1 filters, 9x9, stride 1 (paper, sec. 4)
-PRIMARY_CAPS: int = 32  # primary capsule types (channels of 8-D capsules) on the 6x6 grid
-PRIMARY_DIM: int = 8  # dimension of a primary capsule
-DIGIT_DIM: int = 16  # dimension of a digit capsule
+CONV1_CHANNELS: int = None  # Conv1 filters, 9x9, stride 1; None = the data set's (the paper: 256, sec. 4; svhn 64)
+PRIMARY_CAPS: int = None  # primary capsule types (channels of 8-D capsules) on the 6x6 grid; None = the data set's (the paper: 32; cifar10 64, svhn 16)
+PRIMARY_DIM: int = None  # dimension of a primary capsule; None = the data set's (the paper: 8; svhn 6)
+DIGIT_DIM: int = None  # dimension of a digit capsule; None = the data set's (the paper: 16; svhn 8)
 NUM_CLASSES: int = 0  # digit capsules, one per class; 0 = as many as the data set has (MNIST: 10)
 KERNEL_SIZE: int = 9  # kernel of Conv1 and PrimaryCaps
 ROUTING_ITERATIONS: int = 3  # routing-by-agreement iterations (paper: 3, sec. 4 and Procedure 1)
-ROUTING_IMPL: str = "factored"  # factored: capsule_layer, the same routing computed faster; reference: dynamic_routing as written (slower)
-ROUTING_LEAKY: bool = False  # an extra "none-of-the-above" parent with logit 0 in each child's softmax (CIFAR10, sec. 7)
+ROUTING_IMPL: str = "factored"  # factored: factored_routing, the same routing computed faster; reference: dynamic_routing as written (slower)
+ROUTING_LEAKY: bool = None  # an extra "none-of-the-above" parent with logit 0 in each child's softmax; None = the data set's (cifar10 on, sec. 7)
 W_INIT_STD: float = 0.01  # standard deviation of the normal initialisation of the W_ij matrices (INIT torch)
 # where the authors' released code (Sarasra/models, research/capsules) differs from the paper's text;
 # off by default, all on with --preset authors (README: "The authors' code")
@@ -101,7 +102,8 @@ DECODER: str = "fc"  # fc: the paper's 512-1024 fully connected decoder (Fig. 2)
 CONV1_LEAKY: float = 0.0  # slope of a leaky ReLU on Conv1 (0: the paper's ReLU; soskek's port: 0.05)
 DECODER_HIDDEN1: int = 512  # first decoder layer width (Fig. 2)
 DECODER_HIDDEN2: int = 1024  # second decoder layer width (Fig. 2)
-RECON_DETACH: bool = False  # the decoder learns from detached capsules: its loss trains it, not the capsules (cifar10: the authors' code trains no decoder)
+DECODER_BN: bool = False  # batch norm before each hidden ReLU of the decoder (ethanleet/CapsNet's placement; not in the paper)
+RECON_DETACH: bool = None  # the decoder learns from detached capsules: its loss trains it, not the capsules; None = the data set's (cifar10 on: the authors' code trains no decoder there)
 # loss, as in the paper (eq. 4, sec. 4.1)
 M_PLUS: float = 0.9  # margin loss m+ (eq. 4)
 M_MINUS: float = 0.1  # margin loss m- (eq. 4)
@@ -117,7 +119,7 @@ EPOCHS: int = 50  # total training epochs (a resumed run continues up to this nu
 BATCH_SIZE: int = 100  # training batch size (the paper does not give one; 100 is the common choice)
 EVAL_BATCH_SIZE: int = 100  # test batch size (on the 2-core CPU, 100 evaluated faster than 250 or 500)
 LR: float = 1e-3  # Adam learning rate (paper: TensorFlow's Adam defaults)
-LR_DECAY: float = 0.96  # exponential decay of the learning rate per epoch (see lr_decay_note below)
+LR_DECAY: float = None  # exponential decay of the learning rate per epoch; None = the data set's (0.96; multimnist 0.996; lr_decay_note below)
 LR_MIN: float = 0.0  # the learning rate decays no lower than this (Efficient-CapsNet's code: 5e-5)
 # speed: the same mathematics, computed faster (results/README.md)
 AMP: bool = True  # bf16 autocast for the convolutions and decoder where the device supports bf16
@@ -164,40 +166,34 @@ PRESETS = {
 }
 
 
-# What each data set is, and the paper's settings for it: they replace the constants above when
-# that data set is chosen (printed at start; a flag given explicitly still wins). `reader` says
-# how its files are read (load_split), `objects` how many objects an image holds, `shape` its
-# (channels, image size, classes) as stored, for synthetic data (bench.py; folder: a typical one).
-DATASETS = {
-    "mnist": {"shape": (1, 28, 10), "reader": "MNIST", "objects": 1, "settings": {}},
-    "fashion-mnist": {"shape": (1, 28, 10), "reader": "FashionMNIST", "objects": 1, "settings": {}},
-    "kmnist": {"shape": (1, 28, 10), "reader": "KMNIST", "objects": 1, "settings": {}},
-    # torchvision's EMNIST images stand transposed (load_split turns them upright); the letters'
-    # labels start at 1 (load_split makes them 0..25)
-    "emnist-balanced": {"shape": (1, 28, 47), "reader": "EMNIST", "split": "balanced", "objects": 1, "settings": {}},
-    "emnist-letters": {"shape": (1, 28, 26), "reader": "EMNIST", "split": "letters", "objects": 1, "settings": {}},
+# The paper's settings for each data set: what a constant written None above takes, from the data
+# set's own row, else from "default" (the paper's MNIST set-up, sec. 4 and 5). A value written
+# above, a preset or a flag is never replaced; the start-up line lists the values a row gave.
+# What each data set is (its reader, shape, objects per image) lives in capsnet/data.py, DATA_SETS.
+DATASET_SETTINGS = {
+    "default": {"IMAGE_SIZE": 0, "CONV1_CHANNELS": 256, "PRIMARY_CAPS": 32, "PRIMARY_DIM": 8, "DIGIT_DIM": 16, "ROUTING_LEAKY": False,
+                "MAX_SHIFT": 2, "CROP_SIZE": 0, "FLIP": False, "DISTORT": False, "STANDARDIZE": False,
+                "RECON_DETACH": False, "LR_DECAY": 0.96},
+    "mnist": {}, "fashion-mnist": {}, "kmnist": {}, "emnist-balanced": {}, "emnist-letters": {},
     # sec. 7: three colour channels, 64 primary capsule types, 24x24 patches (random crops in training,
     # the central one at test) and a "none-of-the-above" routing option. The rest as the authors'
     # code (input_data/cifar10/cifar10_input.py, README): flips, brightness and contrast, per-image
     # standardisation, and no decoder shaping the capsules (here it learns beside them, for the
     # figures). Their SAME padding (a 12x12 grid) is not taken: docs/datasets.md says why.
-    "cifar10": {"shape": (3, 32, 10), "reader": "cifar10", "objects": 1,
-                "settings": {"PRIMARY_CAPS": 64, "CROP_SIZE": 24, "FLIP": True, "DISTORT": True, "STANDARDIZE": True,
-                             "RECON_DETACH": True, "ROUTING_LEAKY": True, "MAX_SHIFT": 0}},
+    "cifar10": {"PRIMARY_CAPS": 64, "CROP_SIZE": 24, "FLIP": True, "DISTORT": True, "STANDARDIZE": True,
+                "RECON_DETACH": True, "ROUTING_LEAKY": True, "MAX_SHIFT": 0},
     # sec. 7: the smaller network the paper trained on SVHN (64 Conv1 channels, 16 primary capsule
     # types of 6 dimensions, 8-dimensional class capsules); 32x32 colour images
-    "svhn": {"shape": (3, 32, 10), "reader": "svhn", "objects": 1, "settings": {"CONV1_CHANNELS": 64, "PRIMARY_CAPS": 16, "PRIMARY_DIM": 6,
-                                                         "DIGIT_DIM": 8}},
+    "svhn": {"CONV1_CHANNELS": 64, "PRIMARY_CAPS": 16, "PRIMARY_DIM": 6, "DIGIT_DIM": 8},
     # sec. 7: 5 classes, the stereo pair as two channels, 96x96 downsampled to 48x48, random 32x32
     # crops in training, the central crop at test (see the README for what is not done here)
-    "smallnorb": {"shape": (2, 96, 5), "reader": "smallnorb", "objects": 1, "settings": {"IMAGE_SIZE": 48, "CROP_SIZE": 32,
-                                                                   "MAX_SHIFT": 0}},
-    "folder": {"shape": (3, 28, 10), "reader": "folder", "objects": 1, "settings": {"IMAGE_SIZE": 28}},
+    "smallnorb": {"IMAGE_SIZE": 48, "CROP_SIZE": 32, "MAX_SHIFT": 0},
+    "folder": {"IMAGE_SIZE": 28},
     # MultiMNIST (sec. 6): 36x36 images of two digits, so Conv1 is 28x28 and PrimaryCaps a 10x10 grid
     # of 3,200 capsules. The paper decays the learning rate with a 10x longer period because its
     # set is larger: here an epoch is one pair per MNIST training digit, so 0.96 per epoch becomes
     # 0.96 ** 0.1 = 0.996 per epoch. No extra shift: the pairs' own shifts are the augmentation.
-    "multimnist": {"shape": (1, 36, 10), "reader": "MNIST", "objects": 2, "settings": {"LR_DECAY": 0.996, "MAX_SHIFT": 0}},
+    "multimnist": {"LR_DECAY": 0.996, "MAX_SHIFT": 0},
 }
 
 # lr_decay_note: the paper says only "exponentially decaying learning rate"; the authors' code
@@ -233,7 +229,7 @@ def dynamic_routing(u_hat, iterations, logit_changes=None, leaky=False, bias=Non
     If `logit_changes` is a list, the mean |change of b_ij| of every iteration is appended to it
     (detached tensors; Appendix A's measure), including the last, unused, update.
     ROUTING_IMPL = "reference" trains with this function (through routing_as_written); the default
-    runs the same computation factored (capsule_layer), tested equal to it.
+    runs the same computation factored (factored_routing), tested equal to it.
     """
     b = u_hat.new_zeros(u_hat.shape[:3])  # (B, I, J)
     for r in range(iterations):
@@ -253,7 +249,7 @@ def dynamic_routing(u_hat, iterations, logit_changes=None, leaky=False, bias=Non
 def routing_as_written(W, u, iterations, record, leaky=False, bias=None):
     """DigitCaps through dynamic_routing: u_hat_j|i = W_ij u_i for every pair, then Procedure 1.
     W (J, I, E, D), u (B, I, D) -> v (B, J, E), c (B, I, J), the logit changes (iterations,) or None:
-    the signature and the results of capsule_layer. Edit dynamic_routing and train it with
+    the signature and the results of factored_routing. Edit dynamic_routing and train it with
     --routing-impl reference."""
     u_hat = torch.einsum("jied,bid->bije", W, u)  # (B, I, J, E)
     changes = [] if record else None
@@ -261,7 +257,7 @@ def routing_as_written(W, u, iterations, record, leaky=False, bias=None):
     return v, c, (torch.stack(changes) if record else None)
 
 
-def capsule_layer(W, u, iterations, record, children_last=False, leaky=False, bias=None, product_dtype=None):
+def factored_routing(W, u, iterations, record, children_last=False, leaky=False, bias=None, product_dtype=None):
     """DigitCaps with routing: W (J, I, E, D), primary capsules u (B, I, D) -> v (B, J, E),
     c (B, I, J) and, if `record`, the mean |change of b_ij| per iteration (iterations,), else None.
     `bias` (J, E) is added to s_j before the squash, as in dynamic_routing. `product_dtype`
@@ -314,66 +310,103 @@ def capsule_layer(W, u, iterations, record, children_last=False, leaky=False, bi
     return v.transpose(0, 1), c.permute(1, 2, 0), (torch.stack(changes) if record else None)
 
 
-def make_decoder(kind, inputs, hidden, channels, size):
+def make_decoder(kind, inputs, hidden, channels, size, batch_norm=False):
     """The masked capsules (B, inputs) -> pixels: Fig. 2's fully connected decoder (fc), or
-    ethanleet/CapsNet's transposed convolutions (deconv, capsnet/decoders.py)."""
+    ethanleet/CapsNet's transposed convolutions (deconv, capsnet/decoders.py). `batch_norm`
+    (DECODER_BN, not in the paper): ethanleet's batch norm before each hidden layer's ReLU."""
     if kind == "deconv":
-        return DeconvDecoder(inputs, channels, size)
-    return nn.Sequential(nn.Linear(inputs, hidden[0]), nn.ReLU(inplace=True), nn.Linear(hidden[0], hidden[1]),
-                         nn.ReLU(inplace=True), nn.Linear(hidden[1], channels * size * size), nn.Sigmoid())
+        return DeconvDecoder(inputs, channels, size, batch_norm)
+
+    def hidden_layer(n_in, n_out):
+        return [nn.Linear(n_in, n_out)] + [nn.BatchNorm1d(n_out)] * batch_norm + [nn.ReLU(inplace=True)]
+    return nn.Sequential(*hidden_layer(inputs, hidden[0]), *hidden_layer(hidden[0], hidden[1]),
+                         nn.Linear(hidden[1], channels * size * size), nn.Sigmoid())
+
+
+@dataclasses.dataclass
+class CapsNetConfig:
+    """What a CapsuleNet is: its input, the paper's quantities (sec. 4, Fig. 1 and 2; the defaults
+    are its MNIST network) and the options of the authors' code. Each field is the constant of
+    the same name in capitals; from_settings reads them from a run's settings."""
+    image_channels: int = 1
+    image_size: int = 28  # the side the network sees: the crop where there is one
+    num_classes: int = 10
+    conv1_channels: int = 256
+    kernel_size: int = 9
+    primary_caps: int = 32
+    primary_dim: int = 8
+    digit_dim: int = 16
+    routing_iterations: int = 3
+    routing_leaky: bool = False
+    routing_impl: str = "factored"
+    routing_bf16: bool = False
+    w_init_std: float = 0.01
+    init: str = "torch"
+    primary_scale: float = 1.0
+    digit_caps_bias: bool = False
+    conv1_leaky: float = 0.0
+    standardize: bool = False
+    decoder: str = "fc"
+    decoder_hidden1: int = 512
+    decoder_hidden2: int = 1024
+    decoder_bn: bool = False
+    recon_detach: bool = False
+
+    @classmethod
+    def from_settings(cls, cfg):
+        values = {f.name: cfg[f.name.upper()] for f in dataclasses.fields(cls)}
+        return cls(**dict(values, image_size=input_size(cfg)))
 
 
 class CapsuleNet(nn.Module):
-    """Conv1 -> PrimaryCaps -> DigitCaps (routing) -> lengths, plus the masked decoder (Fig. 1, 2)."""
-    standardize = False  # STANDARDIZE: per-image standardisation of the input (set by build_model)
-    recon_detach = False  # RECON_DETACH: the decoder reads detached capsules (set by build_model)
+    """Conv1 -> PrimaryCaps -> DigitCaps (routing) -> lengths, plus the masked decoder (Fig. 1, 2).
 
-    def __init__(self, conv1_channels=CONV1_CHANNELS, primary_caps=PRIMARY_CAPS, primary_dim=PRIMARY_DIM,
-                 digit_dim=DIGIT_DIM, num_classes=10, kernel_size=KERNEL_SIZE,
-                 routing_iterations=ROUTING_ITERATIONS, w_init_std=W_INIT_STD, routing_leaky=False,
-                 decoder_hidden=(DECODER_HIDDEN1, DECODER_HIDDEN2), image_size=28,
-                 dft_conv=CPU_DFT_CONV, gemm_weight_grad=CPU_GEMM_WEIGHT_GRAD, cpu_malloc_tuning=CPU_MALLOC_TUNING,
-                 in_channels=1, init=INIT, primary_scale=PRIMARY_SCALE, digit_caps_bias=DIGIT_CAPS_BIAS,
-                 routing_impl=ROUTING_IMPL, decoder=DECODER, conv1_leaky=CONV1_LEAKY, routing_bf16=ROUTING_BF16):
+    Two attributes let capsnet/fast.py run the same mathematics faster: `routing`, the function
+    DigitCaps routes with (eager_routing, or a compiled version of it: fast.use_compiled_routing),
+    and `conv_path`, a faster ReLU(Conv1) + PrimaryCaps convolution on the CPU (None: plain
+    convolutions; fast.use_cpu_speedups)."""
+
+    def __init__(self, config=None):
         super().__init__()
-        if routing_bf16 and routing_impl != "factored":
-            raise ValueError("ROUTING_BF16 is an option of the factored capsule layer (ROUTING_IMPL factored)")
-        if image_size < smallest_input(kernel_size):
-            raise ValueError(f"{image_size}x{image_size} images are too small for {kernel_size}x{kernel_size} "
-                             f"Conv1 and PrimaryCaps: the smallest is {smallest_input(kernel_size)}")
-        self.primary_caps, self.primary_dim = primary_caps, primary_dim
-        self.num_classes, self.digit_dim = num_classes, digit_dim
-        self.routing_iterations, self.routing_leaky = routing_iterations, routing_leaky
-        self.image_size, self.in_channels = image_size, in_channels
-        self.conv1 = nn.Conv2d(in_channels, conv1_channels, kernel_size)
+        self.config = cfg = config or CapsNetConfig()
+        if cfg.routing_bf16 and cfg.routing_impl != "factored":
+            raise ValueError("ROUTING_BF16 is an option of the factored routing (ROUTING_IMPL factored)")
+        if cfg.image_size < smallest_input(cfg.kernel_size):
+            raise ValueError(f"{cfg.image_size}x{cfg.image_size} images are too small for {cfg.kernel_size}x"
+                             f"{cfg.kernel_size} Conv1 and PrimaryCaps: the smallest is {smallest_input(cfg.kernel_size)}")
+        self.primary_caps, self.primary_dim = cfg.primary_caps, cfg.primary_dim
+        self.num_classes, self.digit_dim = cfg.num_classes, cfg.digit_dim
+        self.image_size, self.in_channels = cfg.image_size, cfg.image_channels
+        self.conv1 = nn.Conv2d(cfg.image_channels, cfg.conv1_channels, cfg.kernel_size)
         # One conv for all 32 capsule types: output channel t * 8 + d is dimension d of type t.
-        self.primary = nn.Conv2d(conv1_channels, primary_caps * primary_dim, kernel_size, stride=2)
-        grid = ((image_size - kernel_size + 1) - kernel_size) // 2 + 1  # 6 for MNIST
-        self.grid = grid
-        self.num_primary = primary_caps * grid * grid  # I = 1152
+        self.primary = nn.Conv2d(cfg.conv1_channels, cfg.primary_caps * cfg.primary_dim, cfg.kernel_size, stride=2)
+        self.grid = ((cfg.image_size - cfg.kernel_size + 1) - cfg.kernel_size) // 2 + 1  # 6 for MNIST
+        self.num_primary = cfg.primary_caps * self.grid * self.grid  # I = 1152
         # W_ij (E x D) for every parent j and child i: (J, I, E, D); small initialisation.
-        self.W = nn.Parameter(w_init_std * torch.randn(num_classes, self.num_primary, digit_dim, primary_dim))
-        self.decoder = make_decoder(decoder, digit_dim * num_classes, decoder_hidden, in_channels, image_size)
-        self.conv1_leaky = conv1_leaky
-        self.primary_scale = primary_scale
+        self.W = nn.Parameter(cfg.w_init_std * torch.randn(cfg.num_classes, self.num_primary, cfg.digit_dim,
+                                                           cfg.primary_dim))
+        self.decoder = make_decoder(cfg.decoder, cfg.digit_dim * cfg.num_classes,
+                                    (cfg.decoder_hidden1, cfg.decoder_hidden2), cfg.image_channels, cfg.image_size,
+                                    cfg.decoder_bn)
         # the authors' code adds a bias to s_j, starting at 0.1 (its bias_variable)
-        self.digit_bias = nn.Parameter(torch.full((num_classes, digit_dim), 0.1)) if digit_caps_bias else None
-        if init == "authors":
+        self.digit_bias = nn.Parameter(torch.full((cfg.num_classes, cfg.digit_dim), 0.1)) if cfg.digit_caps_bias else None
+        if cfg.init == "authors":
             self.init_as_authors()
         self.record_routing = False  # when True, capsules() appends Appendix A's logit changes
         self.logit_changes = []
-        # the routing that runs: the factored capsule_layer (products in bf16 with routing_bf16), or
+        # DigitCaps' routing: the factored routing (its products in bf16 with routing_bf16), or
         # Procedure 1 as written
-        self.factored, self.routing_bf16 = routing_impl == "factored", routing_bf16
-        self.routing = capsule_layer if self.factored else routing_as_written
-        if routing_bf16:
-            self.routing = functools.partial(capsule_layer, product_dtype=torch.bfloat16)
-        self.capsule_layer = self.routing  # replaced by a compiled version by use_compile()
-        self.compiled = None  # the CompiledOrEager capsule layer, once use_compile() made it
-        self.dft_conv = dft_conv  # on CPU tensors only (conv2d_dft)
-        self.gemm_weight_grad = gemm_weight_grad  # on CPU tensors only, without dft_conv (StridedConvGemmGrad)
-        self._weight_f = None  # (weight, dtype, its values, dft_weight) kept between evaluation batches
-        self.cpu_malloc_tuning = cpu_malloc_tuning  # tune_cpu_malloc() at the first CPU forward
+        self.eager_routing = routing_as_written if cfg.routing_impl == "reference" else factored_routing
+        if cfg.routing_bf16:
+            self.eager_routing = functools.partial(factored_routing, product_dtype=torch.bfloat16)
+        self.routing = self.eager_routing
+        self.conv_path = None
+
+    def routing_to_compile(self):
+        """The routing in the layout compiled code runs fastest (factored_routing's children_last)."""
+        if self.config.routing_impl == "reference":
+            return self.eager_routing
+        return functools.partial(self.eager_routing, children_last=True)
 
     @torch.no_grad()
     def init_as_authors(self):
@@ -394,26 +427,19 @@ class CapsuleNet(nn.Module):
 
     def conv1_activation(self, x):
         """ReLU after Conv1 (the paper), or a leaky ReLU with slope CONV1_LEAKY."""
-        return F.leaky_relu(x, self.conv1_leaky, inplace=True) if self.conv1_leaky else F.relu(x, inplace=True)
+        slope = self.config.conv1_leaky
+        return F.leaky_relu(x, slope, inplace=True) if slope else F.relu(x, inplace=True)
 
     def primary_weight(self):
         """The PrimaryCaps kernel as it acts: x PRIMARY_SCALE (1/32 in the authors' code), the bias apart."""
-        w = self.primary.weight
-        return w if self.primary_scale == 1 else w * self.primary_scale
-
-    def use_compile(self, compiled=True):
-        """torch.compile the capsule part only: it fuses the memory-bound routing ops, while the
-        convolutions stay on the vendor kernels (compiling them made CPU training slower).
-        use_compile(False) switches back to the eager capsule layer (the compiled one is kept)."""
-        if compiled and self.compiled is None:
-            # the factored layer in its layout for compiled code (see capsule_layer)
-            self.compiled = CompiledOrEager(functools.partial(self.routing, children_last=True) if self.factored
-                                            else self.routing)
-        self.capsule_layer = self.compiled if compiled else self.routing
+        w, scale = self.primary.weight, self.config.primary_scale
+        return w if scale == 1 else w * scale
 
     def primary_capsules(self, images):
         """images (B, C, H, W) -> squashed primary capsules (B, I, D) (MNIST: I = 1152, D = 8)."""
-        x = conv1_primary_cpu(self, images) if images.device.type == "cpu" else None  # faster, same values
+        x = None
+        if self.conv_path is not None and images.device.type == "cpu":
+            x = self.conv_path(self, images)  # the same values, faster; None where it does not apply
         if x is None:
             x = self.conv1_activation(self.conv1(images))  # (B, 256, 20, 20)
             x = F.conv2d(x, self.primary_weight(), self.primary.bias, self.primary.stride)  # (B, 32*8, 6, 6)
@@ -424,16 +450,14 @@ class CapsuleNet(nn.Module):
         return squash(u.float())
 
     def capsules(self, images):
-        """images (B, 1, H, W) -> digit capsules v (B, J, E) and couplings c (B, I, J), in fp32."""
-        if self.cpu_malloc_tuning and images.device.type == "cpu":
-            tune_cpu_malloc()  # once per process (see tune_cpu_malloc)
-        if self.standardize:  # STANDARDIZE (cifar10): what the network sees; the decoder's target stays
+        """images (B, C, H, W) -> digit capsules v (B, J, E) and couplings c (B, I, J), in fp32."""
+        if self.config.standardize:  # STANDARDIZE (cifar10): what the network sees; the decoder's target stays
             images = standardize(images)
         u = self.primary_capsules(images)  # (B, I, D)
         with torch.autocast(device_type=u.device.type, enabled=False):
             bias = None if self.digit_bias is None else self.digit_bias.float()
-            v, c, changes = self.capsule_layer(self.W.float(), u, self.routing_iterations, self.record_routing,
-                                               leaky=self.routing_leaky, bias=bias)
+            v, c, changes = self.routing(self.W.float(), u, self.config.routing_iterations, self.record_routing,
+                                         leaky=self.config.routing_leaky, bias=bias)
         if changes is not None:
             self.logit_changes.append(changes)
         return v, c
@@ -458,7 +482,7 @@ class CapsuleNet(nn.Module):
             classes = labels
         else:
             classes = lengths.argmax(dim=1) if objects == 1 else lengths.topk(objects, dim=1).indices
-        if self.recon_detach:  # RECON_DETACH: the reconstruction loss reaches the decoder only
+        if self.config.recon_detach:  # RECON_DETACH: the reconstruction loss reaches the decoder only
             v = v.detach()
         if classes.dim() == 1:
             return lengths, self.decode(v, classes)
@@ -466,12 +490,19 @@ class CapsuleNet(nn.Module):
 
 
 class EfficientCapsNet(EfficientBody):
-    """Efficient-CapsNet (capsnet/efficient.py) with CapsuleNet's class scores (lengths) and masked decoder."""
+    """Efficient-CapsNet (capsnet/efficient.py) with CapsuleNet's class scores (lengths) and masked
+    decoder; of a CapsNetConfig it takes the input, the classes, the capsule size and the decoder."""
     forward, decode = CapsuleNet.forward, CapsuleNet.decode
-    standardize = recon_detach = False
+
+    def __init__(self, config):
+        decoder = make_decoder(config.decoder, config.digit_dim * config.num_classes,
+                               (config.decoder_hidden1, config.decoder_hidden2), config.image_channels,
+                               config.image_size, config.decoder_bn)
+        super().__init__(decoder, config.num_classes, config.image_size, config.image_channels, config.digit_dim)
+        self.config = config
 
     def capsules(self, images):
-        return super().capsules(standardize(images) if self.standardize else images)
+        return super().capsules(standardize(images) if self.config.standardize else images)
 
 
 # ---- loss (eq. 4, sec. 4.1); model, loss and optimizer built from the constants ----
@@ -507,27 +538,13 @@ class CapsuleLoss(nn.Module):
 
 
 def build_model(cfg):
-    """CapsuleNet from the constants and what the data decided (load_data: classes, channels, size);
-    where nothing is decided yet (the constants alone), the data set's usual shape (MNIST's)."""
+    """The model of a run's settings, on the CPU, with the CPU speed paths (capsnet/fast.py) as set.
+    The data's shape comes from load_data; without it (the constants alone), the data set's usual one."""
     if not cfg["IMAGE_SIZE"] or not cfg["IMAGE_CHANNELS"] or not cfg["NUM_CLASSES"]:
-        cfg = nominal_data_settings(dict(cfg), DATASETS[cfg["DATASET"]])
-    if cfg["MODEL"] == "efficient-capsnet":
-        size, channels, classes = input_size(cfg), cfg["IMAGE_CHANNELS"], cfg["NUM_CLASSES"]
-        decoder = make_decoder(cfg["DECODER"], cfg["DIGIT_DIM"] * classes, (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
-                               channels, size)
-        model = EfficientCapsNet(decoder, classes, size, channels, cfg["DIGIT_DIM"])
-    else:
-        model = CapsuleNet(cfg["CONV1_CHANNELS"], cfg["PRIMARY_CAPS"], cfg["PRIMARY_DIM"], cfg["DIGIT_DIM"],
-                          cfg["NUM_CLASSES"], cfg["KERNEL_SIZE"], cfg["ROUTING_ITERATIONS"], cfg["W_INIT_STD"],
-                          cfg["ROUTING_LEAKY"], (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
-                          image_size=input_size(cfg), in_channels=cfg["IMAGE_CHANNELS"],
-                          dft_conv=cfg["CPU_DFT_CONV"], gemm_weight_grad=cfg["CPU_GEMM_WEIGHT_GRAD"],
-                          cpu_malloc_tuning=cfg["CPU_MALLOC_TUNING"], init=cfg["INIT"],
-                          primary_scale=cfg["PRIMARY_SCALE"], digit_caps_bias=cfg["DIGIT_CAPS_BIAS"],
-                          routing_impl=cfg["ROUTING_IMPL"], decoder=cfg["DECODER"], conv1_leaky=cfg["CONV1_LEAKY"],
-                          routing_bf16=cfg["ROUTING_BF16"])
-    model.standardize, model.recon_detach = cfg["STANDARDIZE"], cfg["RECON_DETACH"]
-    return model
+        cfg = nominal_data_settings(dict(cfg))
+    config = CapsNetConfig.from_settings(cfg)
+    model = EfficientCapsNet(config) if cfg["MODEL"] == "efficient-capsnet" else CapsuleNet(config)
+    return use_cpu_speedups(model, cfg["CPU_DFT_CONV"], cfg["CPU_GEMM_WEIGHT_GRAD"], cfg["CPU_MALLOC_TUNING"])
 
 
 def build_optimizer(model, cfg):
@@ -542,28 +559,6 @@ def build_optimizer(model, cfg):
 def build_loss(cfg):
     return CapsuleLoss(cfg["M_PLUS"], cfg["M_MINUS"], cfg["LAMBDA_ABSENT"], cfg["RECON_WEIGHT"],
                        cfg["MARGIN_REDUCTION"])
-
-
-# ---- the start-up lines ----
-def authors_choices(cfg):
-    """Which of the authors' code's departures from the paper's text are on (PRESETS["authors"])."""
-    on = {"INIT": cfg["INIT"] == "authors", "PRIMARY_SCALE": cfg["PRIMARY_SCALE"] != 1,
-          "DIGIT_CAPS_BIAS": cfg["DIGIT_CAPS_BIAS"], "MARGIN_REDUCTION": cfg["MARGIN_REDUCTION"] != "sum"}
-    return [f"{k}={cfg[k]}" for k, v in on.items() if v]
-
-
-def model_line(model, device, amp, data, cfg=None):
-    """The start-up line: the model, the device, the arithmetic and why (amp_choice's text), the data,
-    and the authors' choices that are on."""
-    choices = authors_choices(cfg) if cfg is not None else []
-    name = "Efficient-CapsNet" if isinstance(model, EfficientBody) else "CapsNet"
-    if getattr(model, "routing_bf16", False):
-        amp += "; routing products in bf16 (ROUTING_BF16)"
-    return (f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
-            f"({amp}); {data.name}: {data.describe()}, "
-            f"{data.channels}x{data.image_size}x{data.image_size} input, {model.grid}x{model.grid} grid of "
-            f"{model.num_primary:,} primary capsules, {model.num_classes} classes"
-            + (f"; the authors' code's {', '.join(choices)}" if choices else ""))
 
 
 # ---- one step: a batch -> its loss and class scores (what torchnet's Engine calls) ----
@@ -647,7 +642,8 @@ class BatchLoss:
 
 # ---- the epoch loop: torchnet's Engine and its hooks, checkpoints every epoch, resume ----
 class Trainer:
-    """torchnet Engine with named hooks: a train pass per epoch, then a test pass, logs, checkpoint."""
+    """torchnet's Engine with named hooks: a train pass per epoch, then a test pass, the metrics row,
+    checkpoints (RunRecord), live progress and Visdom; a stop signal or a non-finite loss ends it."""
 
     def __init__(self, cfg, device, model, optimizer, scheduler, data, start_epoch=0, best_accuracy=None,
                  compile_state=None, dist=None, partial=None):
@@ -655,47 +651,36 @@ class Trainer:
 
         self.cfg, self.device, self.model = cfg, device, model
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.dtype = amp_dtype(device, cfg["AMP"])
         self.dist = dist = dist or Distributed({})
-        ddp = None
-        if dist.enabled:  # the gradients averaged over the processes; the model itself stays plain
-            # Conv1's weight (256, 1, 9, 9) gets its gradient with channels-last strides from the CPU
-            # path (primary_capsules); with one input channel that is the same memory order, and
-            # DDP's warning about it says nothing.
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.network = BatchLoss(model, build_loss(cfg), device, self.dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
-                               dist, ddp, cfg["CROP_SIZE"], cfg["FLIP"], cfg["AUGMENT"],
-                               cfg["DISTORT"])
+        ddp = wrap_ddp(model, device, dist)
+        self.network = BatchLoss(model, build_loss(cfg), device, amp_dtype(device, cfg["AMP"]), cfg["MAX_SHIFT"],
+                                 cfg["CHANNELS_LAST"], dist, ddp, cfg["CROP_SIZE"], cfg["FLIP"], cfg["AUGMENT"],
+                                 cfg["DISTORT"])
         self.data, self.train_batches = data, data.train
         self.test_batches = data.test.shard(dist.rank, dist.world)  # each process tests its part
-        self.start_epoch, self.best_accuracy = start_epoch, best_accuracy
-        self.saved_epoch = start_epoch  # the epoch last.pt holds
+        self.start_epoch, self.partial = start_epoch, partial  # partial: where a mid-epoch checkpoint stopped
+        self.record = RunRecord(cfg["RUN_DIR"], dist, start_epoch, best_accuracy)
         self.meters = {mode: pass_meters(cfg["NUM_CLASSES"], data.objects) for mode in ("train", "test")}
         self.stats = PassStats(device)
         self.compile_choice = CompileChoice(model, device, cfg["COMPILE"], compile_state, dist, self.network)
         self.visdom = VisdomPlots(cfg if dist.main else dict(cfg, VISDOM=False), data.objects)
-        self.run_dir = cfg["RUN_DIR"]
+        self.live = LiveProgress(cfg["PROGRESS_EVERY"], self.visdom, dist.main)
         self.engine = Engine()
         self.engine.hooks.update(on_start=self.on_start, on_start_epoch=self.on_start_epoch,
                                  on_sample=self.on_sample, on_forward=self.on_forward,
                                  on_update=self.on_update, on_end_epoch=self.on_end_epoch)
-        self.epoch_started = 0.0
-        self.partial = partial  # a mid-epoch checkpoint's position: where the first epoch goes on
         self.stop = []  # the stop signals caught (stop_signals)
 
-    # hooks: each one small, mode passed explicitly through state['train']
     def on_start(self, state):
         if state["train"]:
             state["epoch"] = self.start_epoch
-        self.reset_pass("train" if state["train"] else "test")
+        self.start_pass("train" if state["train"] else "test")
 
     def on_start_epoch(self, state):
         self.model.train()
-        self.model.record_routing = True
-        self.model.logit_changes = []
-        self.reset_pass("train")
-        seconds = 0.0
+        self.model.record_routing, self.model.logit_changes = True, []
+        self.start_pass("train")
+        self.epoch_started, self.plan = time.perf_counter(), None
         if self.partial is None:
             self.plan = self.train_batches.plan()  # this epoch's order (and pairs) of the data
         else:  # the epoch a mid-epoch checkpoint stopped in goes on where it was, drawing nothing new
@@ -705,11 +690,11 @@ class Trainer:
             self.stats.restore([stats[self.dist.rank]] if len(stats) == self.dist.world else
                                stats if self.dist.main else [])
             self.model.logit_changes = [c.to(self.device) for c in part["logit_changes"]]
-            self.batch_in_pass, self.last_totals, seconds = part["batch"], part["last_totals"], part["seconds"]
-        self.epoch_started = time.perf_counter() - seconds
+            self.live.start_pass(part["batch"], part["last_totals"])
+            self.epoch_started -= part["seconds"]
+        batches = self.train_batches.batches(self.plan, self.live.batch)
         desc = f"epoch {state['epoch'] + 1}/{state['maxepoch']} train"
-        batches = self.train_batches.batches(self.plan, self.batch_in_pass)
-        state["iterator"] = self.progress(batches, desc, self.batch_in_pass, len(self.train_batches))
+        state["iterator"] = self.live.wrap(batches, desc, len(self.train_batches))
 
     def on_sample(self, state):
         if state["train"]:
@@ -718,12 +703,16 @@ class Trainer:
     def on_forward(self, state):
         loss, labels = self.network.last  # this process's share of the batch
         self.stats.add(loss, state["output"], labels)
-        self.show_progress(state["epoch"] if state["train"] else None)
+        totals = self.live.due(self.stats)
+        if totals is not None:
+            if totals[3] >= 0 and state["train"]:
+                self.diverged(state["epoch"] + 1, totals[3] + 1)
+            self.live.show(totals, state["epoch"] if state["train"] else None, len(self.train_batches))
 
     def on_update(self, state):
         self.compile_choice.after_step()
         every = 1 if not self.dist.enabled else self.cfg["PROGRESS_EVERY"]  # a collective under torchrun
-        if self.batch_in_pass % every == 0 and self.dist.any(self.stop, self.device):
+        if self.live.batch % every == 0 and self.dist.any(self.stop, self.device):
             self.stop_here(state)
 
     def on_end_epoch(self, state):
@@ -740,79 +729,53 @@ class Trainer:
         for group in self.optimizer.param_groups:  # LR_MIN: the decay stops there
             group["lr"] = max(group["lr"], self.cfg["LR_MIN"])
         test_seconds = self.evaluate(record_routing=not changes)
-        row = self.metrics_row(state["epoch"], lr, train_seconds, test_seconds, changes or self.routing_changes())
-        self.end_epoch(state, row)
-
-    # helpers used by the hooks
-    def reset_pass(self, mode):
-        for m in self.meters[mode].values():
-            m.reset()
-        self.stats.reset()
-        self.batch_in_pass = 0
-        self.last_totals = (0.0, 0.0, 0)  # PassStats.totals() at the last progress update
-
-    def progress(self, batches, desc, initial=0, total=None):
-        from tqdm import tqdm
-
-        self.bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, initial=initial,
-                        total=total, file=sys.stderr, unit="batch", disable=not self.dist.main)
-        return self.bar
+        row = epoch_row(state["epoch"], lr, self.meters, train_seconds, test_seconds, self.train_batches.rows,
+                        changes or self.routing_changes(), self.compile_choice.choice or "trial", self.device)
+        print_epoch(row, state["maxepoch"])
+        self.record.end_epoch(row, lambda: self.checkpoint(state["epoch"]))  # stop signals wait for it
+        if self.dist.main and self.visdom.enabled:
+            self.model.eval()
+            grid, figures, caption = epoch_views(self.model, self.data, self.cfg, self.device, self.network.dtype)
+            self.visdom.log_epoch(state["epoch"], row, self.meters["test"]["confusion"].value(), grid, figures, caption)
+        if state["epoch"] < state["maxepoch"] and self.dist.any(self.stop, self.device):
+            self.stop_here(state, between_epochs=True)
 
     def stop_here(self, state, between_epochs=False):
-        """A stop signal arrived: write the position (mid-epoch: the epoch's plan, the batches done, the
-        pass's sums so far, with weights, Adam, scheduler and RNG as after this batch) to last.pt,
-        then stop with Preempted. Between epochs, last.pt already holds the completed epoch."""
-        last = os.path.join(self.run_dir, "last.pt")
+        """A stop signal arrived: mid-epoch, last.pt gets the position (the epoch's plan, the batches
+        done, the pass's sums so far, with weights, Adam, scheduler and RNG as after this batch);
+        between epochs it holds the completed epoch already. Then stop with Preempted."""
         name = signal.Signals(self.stop[0]).name if self.stop else "a stop signal of another process"
         where = f"after epoch {state['epoch']}"
         if not between_epochs:
-            self.bar.close()
-            ckpt = self.checkpoint(state["epoch"])
-            stats = self.dist.gather(self.stats.snapshot())
-            ckpt["partial"] = {"batch": self.batch_in_pass, "stats": stats, "last_totals": self.last_totals,
-                               "plan": self.plan and {k: v.cpu() for k, v in self.plan.items()},
-                               "logit_changes": [c.cpu() for c in self.model.logit_changes],
-                               "seconds": time.perf_counter() - self.epoch_started}
-            if self.dist.main:
-                atomic_torch_save(ckpt, last)
-            self.dist.barrier()
-            where = f"in epoch {state['epoch'] + 1} after batch {self.batch_in_pass} of {len(self.train_batches)}"
-        raise Preempted(self.stop[0] if self.stop else signal.SIGTERM,
-                        f"stopped by {name} {where}: {last} holds the run up to there; continue with --resume {last}")
-
-    def show_progress(self, epoch=None):
-        """Every PROGRESS_EVERY batches (one device sync): the running loss and accuracy of the pass
-        in the tqdm bar; in training also the mean of those batches alone in Visdom's live windows,
-        at x = epoch + the fraction of it done."""
-        self.batch_in_pass += 1
-        if self.batch_in_pass % self.cfg["PROGRESS_EVERY"] == 0:
-            loss_sum, correct, count, bad = self.stats.totals()
-            if bad >= 0 and epoch is not None:
-                self.diverged(epoch + 1, bad + 1)
-            self.bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{100.0 * correct / count:.2f}%",
-                                 refresh=False)
-            if epoch is not None:
-                last_sum, last_correct, last_count = self.last_totals
-                self.last_totals = loss_sum, correct, count
-                fraction = self.batch_in_pass / len(self.train_batches)
-                self.visdom.log_progress(epoch + fraction, (loss_sum - last_sum) / (count - last_count),
-                                         100.0 * (correct - last_correct) / (count - last_count))
+            self.live.close()
+            self.record.save_position(self.checkpoint(state["epoch"]), {
+                "batch": self.live.batch, "stats": self.dist.gather(self.stats.snapshot()),
+                "last_totals": self.live.last_totals, "plan": self.plan and {k: v.cpu() for k, v in self.plan.items()},
+                "logit_changes": [c.cpu() for c in self.model.logit_changes],
+                "seconds": time.perf_counter() - self.epoch_started})
+            where = f"in epoch {state['epoch'] + 1} after batch {self.live.batch} of {len(self.train_batches)}"
+        raise Preempted(self.stop[0] if self.stop else signal.SIGTERM, f"stopped by {name} {where}: "
+                        f"{self.record.last} holds the run up to there; continue with --resume {self.record.last}")
 
     def diverged(self, epoch, batch):
         """Stop the run: the loss of `batch` of `epoch` (or, batch None, the weights) was not finite.
         Nothing of this epoch is written: last.pt and best.pt keep the last finite epoch."""
-        self.bar.close()  # cleared: the error is the terminal's last line
+        self.live.close()  # cleared: the error is the terminal's last line
         what = f"training loss became NaN or infinite at epoch {epoch}, batch {batch}" if batch else \
             f"weights became NaN or infinite in epoch {epoch}"
-        last = os.path.join(self.run_dir, "last.pt")
-        kept = f"{last} keeps epoch {self.saved_epoch}" if self.saved_epoch else "no checkpoint was written"
         raise NonFiniteLoss(f"the {what} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}): the run "
-                            f"diverged; {kept}; lower --lr, or resume an earlier checkpoint")
+                            f"diverged; {self.record.kept()}; lower --lr, or resume an earlier checkpoint")
+
+    def start_pass(self, mode):
+        for meter in self.meters[mode].values():
+            meter.reset()
+        self.stats.reset()
+        self.live.start_pass()
 
     def finish_pass(self, mode):
         self.stats.gather(self.dist)
         self.stats.feed(self.meters[mode])
-        self.bar.close()
+        self.live.close()
 
     def routing_changes(self):
         """The mean routing logit change of each iteration over the steps recorded; recording stops."""
@@ -825,59 +788,15 @@ class Trainer:
         self.model.eval()
         self.model.record_routing = record_routing
         with torch.no_grad():
-            self.engine.test(self.network, self.progress(self.test_batches, "test"))
+            self.engine.test(self.network, self.live.wrap(self.test_batches, "test"))
         sync(self.device)
         self.finish_pass("test")
         return time.perf_counter() - started
 
-    def metrics_row(self, epoch, lr, train_seconds, test_seconds, changes):
-        """One metrics.jsonl row. For two-digit images train_accuracy and test_accuracy are both
-        digits right (the paper's score), and *_accuracy_any at least one."""
-        row = {"epoch": epoch, "lr": lr}
-        for mode in ("train", "test"):
-            row.update({f"{mode}_{k}": v for k, v in meter_values(self.meters[mode]).items()})
-        row.update({"train_seconds": round(train_seconds, 3), "test_seconds": round(test_seconds, 3),
-                    "train_images_per_s": round(self.train_batches.rows / train_seconds, 1),
-                    "routing_logit_change": changes, "compile": self.compile_choice.choice or "trial"})
-        return row
-
-    def end_epoch(self, state, row):
-        epoch = state["epoch"]
-        both = " (both digits)" if "test_accuracy_any" in row else ""
-        anyone = f", at least one {row['test_accuracy_any']:.2f}%" if both else ""
-        print(f"epoch {epoch}/{state['maxepoch']}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f} "
-              f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc{both} "
-              f"{row['test_accuracy']:.2f}%{anyone}  ({row['train_seconds']:.1f}s + {row['test_seconds']:.1f}s)",
-              flush=True)
-        is_best = self.best_accuracy is None or row["test_accuracy"] > self.best_accuracy
-        if is_best:
-            self.best_accuracy = row["test_accuracy"]
-        self.saved_epoch = epoch
-        if self.dist.main:  # one voice: rank 0 writes and plots (every process has the same row)
-            # The row first: a run killed (kill -9) before its checkpoint resumes from the previous
-            # epoch and drops this row again (truncate_metrics), so metrics and checkpoints agree;
-            # best.pt before last.pt, so that last.pt never names a best epoch best.pt lacks. Stop
-            # signals wait (stop_signals) until the files are written.
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            ckpt = self.checkpoint(epoch)
-            if is_best:
-                atomic_torch_save(ckpt, os.path.join(self.run_dir, "best.pt"))
-            atomic_torch_save(ckpt, os.path.join(self.run_dir, "last.pt"))
-            if self.visdom.enabled:
-                self.log_visdom(epoch, row)
-        if epoch < state["maxepoch"] and self.dist.any(self.stop, self.device):
-            self.stop_here(state, between_epochs=True)
-
     def checkpoint(self, epoch):
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_accuracy": self.best_accuracy,
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_accuracy": self.record.best_accuracy,
                 "config": self.cfg, "rng_state": rng_state(self.device), "compile_choice": self.compile_choice.state()}
-
-    def log_visdom(self, epoch, row):
-        self.model.eval()
-        grid, figures, caption = epoch_views(self.model, self.data, self.cfg, self.device, self.dtype)
-        self.visdom.log_epoch(epoch, row, self.meters["test"]["confusion"].value(), grid, figures, caption)
 
     def train(self, epochs):
         finished = False
@@ -889,7 +808,7 @@ class Trainer:
             self.visdom.flush(60.0 if finished else 5.0)
 
 
-def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None):
+def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=None):
     """Train from the constants, or continue `ckpt`. Under torchrun (`dist`) every process runs this
     with its share of each batch. `resume_auto`: --resume auto found no checkpoint, so a fresh run
     starts in RUN_DIR itself (a restarted job then finds its last.pt there)."""
@@ -907,7 +826,7 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None):
     if len(set(dist.gather(ckpt["epoch"] if ckpt else None))) > 1:
         raise UsageError("the processes found different checkpoints: RUN_DIR and --resume must be on a file "
                          "system that every machine sees")
-    data = load_data(cfg, device, DATASETS[cfg["DATASET"]])  # bad data: one line, and nothing written
+    data = load_data(cfg, device)  # bad data: one line, and nothing written
     if ckpt is not None and dist.main:
         resume_into(cfg["RUN_DIR"], ckpt["path"], ckpt["epoch"])
     os.makedirs(cfg["RUN_DIR"], exist_ok=True)
@@ -945,9 +864,8 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None):
     elif resume_auto and dist.main:
         truncate_metrics(cfg["RUN_DIR"], 0)  # rows of an epoch 1 whose checkpoint was never written
         print(f"--resume auto: no {os.path.join(cfg['RUN_DIR'], 'last.pt')} yet; a new run starts there")
-    for line in (dataset_line(cfg), preset_line(cfg)):
-        if line:
-            print(line)
+    for line in settings_lines(cfg, origin or {}, file_constants()):
+        print(line)
     print(f"{model_line(model, device, amp_choice(device, cfg['AMP'])[1], data, cfg)}; seed {cfg['SEED']}, run dir {cfg['RUN_DIR']}")
     if dist.enabled:
         print(f"torchrun: {dist.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), each computing "
@@ -962,132 +880,40 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None):
     dist.barrier()  # every process done (rank 0's last checkpoint written) before the group ends
 
 
-# ---- the other modes: --eval-only, --visualize, --export-weights ----
-def run_eval(cfg, ckpt, others=()):
-    """--eval-only: the test set through the checkpoint's model; with `others` (more checkpoints
-    of the same data set and classes), also their ensemble: the capsule lengths averaged over the
-    models before the argmax (the paper's CIFAR10 ensemble; the authors' code sums them)."""
-    device, _ = setup_process(cfg)
-    data = load_data(cfg, device, DATASETS[cfg["DATASET"]], train=False)
-    dtype = amp_dtype(device, cfg["AMP"])
-    members = [(cfg, ckpt)] + [(member_config(cfg, other), other) for other in others]
-    steppers = []
-    for member_cfg, member in members:
-        model = model_to_device(build_model(member_cfg), member_cfg, device)
-        load_weights(model, member["model"])
-        model.eval()
-        steppers.append(BatchLoss(model, build_loss(member_cfg), device, dtype, 0, cfg["CHANNELS_LAST"],
-                                crop=cfg["CROP_SIZE"]))
-    stats = [PassStats(device) for _ in range(len(members) + (len(members) > 1))]
-    started = time.perf_counter()
-    with torch.no_grad():
-        for sample in data.test:
-            outputs = [step(sample) for step in steppers]
-            for (loss, lengths), st in zip(outputs, stats):
-                st.add(loss, lengths, sample[1])
-            if len(members) > 1:
-                mean = torch.stack([lengths for _, lengths in outputs]).mean(0)
-                stats[-1].add(torch.stack([loss for loss, _ in outputs]).mean(), mean, sample[1])
-    sync(device)
-    seconds = time.perf_counter() - started
-    results = []
-    for k, st in enumerate(stats):
-        meters = pass_meters(cfg["NUM_CLASSES"], data.objects)
-        st.feed(meters)
-        values = meter_values(meters)
-        name = "ensemble" if k == len(members) else f"model {k + 1}"
-        result = {"dataset": data.name, "test_accuracy": values["accuracy"], "test_loss": values["loss"],
-                  "test_images": data.test.rows, "seconds": round(seconds, 3), "device": str(device),
-                  "dtype": "bf16" if dtype else "fp32",
-                  "checkpoint_epoch": None if name == "ensemble" else members[k][1].get("epoch")}
-        if "accuracy_any" in values:
-            result["test_accuracy_any"] = values["accuracy_any"]
-        result["confusion"] = meters["confusion"].value().tolist()
-        results.append(result)
-        if len(members) > 1:
-            what = "the mean of their capsule lengths" if name == "ensemble" else members[k][1].get("path", "")
-            print(f"{name} ({what}): test accuracy {result['test_accuracy']:.2f}%"
-                  + ("" if name == "ensemble" else f"  test loss {result['test_loss']:.4f}"))
-    result = results[-1]
-    print_evaluation(result, data.name, data.objects, len(members), seconds)
-    os.makedirs(cfg["RUN_DIR"], exist_ok=True)
-    with open(os.path.join(cfg["RUN_DIR"], "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(result if len(members) == 1 else dict(result, members=results[:-1]), f, indent=1)
-    return result
-
-
-def member_config(cfg, ckpt):
-    """The constants of another checkpoint of an ensemble: its model's, cfg's data (which must agree)."""
-    member = dict(cfg)
-    member.update({k: v for k, v in ckpt.get("config", {}).items() if k in MODEL_KEYS})
-    for key in ("DATASET", "NUM_CLASSES", "IMAGE_CHANNELS", "IMAGE_SIZE", "CROP_SIZE"):
-        if member[key] not in (cfg[key], 0):
-            raise UsageError(f"--resume {ckpt.get('path')}: an ensemble needs one data set and shape, but its "
-                             f"{key} is {member[key]!r}, the first model's {cfg[key]!r}")
-        member[key] = cfg[key]
-    return member
-
-
-def run_visualize(cfg, ckpt):
-    """--visualize: the figures of the checkpoint's model and of its run's metrics (write_figures)."""
-    device, _ = setup_process(cfg)
-    data = load_data(cfg, device, DATASETS[cfg["DATASET"]], train=False)
-    model = build_model(cfg).to(device)
-    load_weights(model, ckpt["model"])
-    written = write_figures(model, data, cfg, cfg["RUN_DIR"])
-    print("wrote " + ", ".join(written))
-    return written
-
-
-def run_predict(cfg, ckpt, paths):
-    """--predict: each image file converted as the model's data was (channels, size, the central
-    crop; for the MNIST-like data sets a dark digit on a light background is inverted, and the
-    output says so) -> the predicted class and every class's capsule length, printed, in
-    RUN_DIR/predictions.json, and RUN_DIR/predict_<name>.png: the input beside its reconstruction
-    (figures.write_predictions). Every file is read before anything is written."""
-    device, _ = setup_process(cfg)
-    model = build_model(cfg).to(device)
-    load_weights(model, ckpt["model"])
-    model.eval()
-    dark_on_light = DATASETS[cfg["DATASET"]]["reader"] in ("MNIST", "FashionMNIST", "KMNIST", "EMNIST")
-    inputs, inverted = read_images_as_data(paths, cfg["IMAGE_SIZE"], cfg["IMAGE_CHANNELS"], dark_on_light)
-    images = to_float_images(inputs.to(device), cfg["CROP_SIZE"])
-    with torch.no_grad():
-        lengths, recon = model(images)
-    names = cfg["CLASS_NAMES"] or [str(k) for k in range(cfg["NUM_CLASSES"])]
-    return write_predictions(paths, images, recon, lengths, names, inverted, cfg["RUN_DIR"])
-
-
-MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAMES", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
-              "ROUTING_ITERATIONS", "ROUTING_LEAKY", "W_INIT_STD", "INIT", "PRIMARY_SCALE", "DIGIT_CAPS_BIAS", "DECODER", "CONV1_LEAKY", "DECODER_HIDDEN1", "DECODER_HIDDEN2",
-              "STANDARDIZE",
-              "M_PLUS", "M_MINUS", "LAMBDA_ABSENT", "RECON_WEIGHT", "MARGIN_REDUCTION")  # what an exported model carries: shape, loss
-
-
-def export_weights(ckpt, cfg, path):
-    """The model weights alone, in fp16, with the constants that define the model (no paths)."""
-    state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    atomic_torch_save({"model": state, "config": {k: cfg[k] for k in MODEL_KEYS}, "epoch": ckpt.get("epoch")},
-                      path)
-    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, fp16 weights)")
-
-
 # ---- command line: every constant is a flag; main() ----
-
-
 DATA_DECIDED = {"CLASS_NAMES": []}  # set from the data (load_data), saved in checkpoints; no flags
 
 
-def default_config():
-    """The constants at the top of this file, as a dict, and what the data will decide."""
+def file_constants():
+    """The constants at the top of this file as written (None: the data set's), and what the data decides."""
     return dict({name: globals()[name] for name, _, _ in constants_table(__file__)}, **copy.deepcopy(DATA_DECIDED))
 
 
+def flags_given(args):
+    """{NAME: value} of the constants' flags given on the command line."""
+    return {name: getattr(args, name) for name in file_constants() if getattr(args, name, None) is not None}
+
+
+def configure(explicit, ckpt=None, resume_path=None):
+    """(cfg, origin) of a run: the flags given (`explicit`, {NAME: value}) over the constants above,
+    in the order capsnet/config.py's docstring gives."""
+    return make_config(file_constants(), DATASET_SETTINGS, PRESETS, explicit, ckpt, resume_path, MODEL_KEYS)
+
+
+def default_config(**changes):
+    """The settings of a run of this file with `changes` given as flags (for scripts and tests)."""
+    return configure(changes)[0]
+
+
 def build_parser():
+    presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in values.items()) for name, values in PRESETS.items())
     parser = OneLineParser(
         prog="capsule_network.py",
         description="Train, evaluate or visualise CapsNet (Sabour et al., 2017) on MNIST, MultiMNIST, the paper's "
-                    "other data sets or your own images.",
+                    "other data sets or your own images. The speed benchmark is bench.py, beside this file (the "
+                    "same flags).",
+        epilog=f"presets (--preset NAME[,NAME]): {presets}",
     )
     add_constant_flags(parser, __file__, globals())
     parser.add_argument("--resume", metavar="PATH", action="append",
@@ -1098,10 +924,6 @@ def build_parser():
                         help="with --resume: evaluate on the test set, print accuracy and confusion matrix")
     parser.add_argument("--visualize", action="store_true",
                         help="with --resume: write the capsule visualisations as PNG files into the run dir")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="hand over to bench.py (the same flags): time training and evaluation against "
-                             "the baseline")
-    parser.add_argument("--benchmark-json", metavar="PATH", help="with --benchmark: bench.py's --json PATH")
     parser.add_argument("--predict", metavar="IMAGE", nargs="+",
                         help="with --resume: classify these image files (converted as the model's data was), "
                              "write RUN_DIR/predictions.json and a PNG of each beside its reconstruction")
@@ -1110,76 +932,13 @@ def build_parser():
     return parser
 
 
-def make_config(args, ckpt):
-    """The one place the configuration is made. Each source overrides the ones before it:
-    1. the constants at the top of this file;
-    2. the data set's own settings (DATASETS[name]["settings"], the paper's for it);
-    3. a checkpoint's constants when resuming (a training checkpoint: all of them, and its run
-       directory; exported weights: the model's, MODEL_KEYS);
-    4. a --preset given now (PRESETS, comma-separated names, later ones winning);
-    5. the flags given explicitly on the command line.
-    Then validate_config: an impossible value is one UsageError line."""
-    cfg = default_config()
-    explicit = {name: getattr(args, name) for name in cfg if getattr(args, name, None) is not None}
-    saved = ckpt.get("config", {}) if ckpt is not None else {}
-    dataset = explicit.get("DATASET", saved.get("DATASET", cfg["DATASET"]))
-    if dataset not in DATASETS:
-        raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, not {dataset!r}")
-    cfg.update(DATASETS[dataset]["settings"])  # the data set's own settings replace the constants
-    if ckpt is not None and "config" in ckpt:
-        training = "optimizer" in ckpt  # a training checkpoint, not exported weights
-        cfg.update({k: v for k, v in ckpt["config"].items() if k in cfg and (training or k in MODEL_KEYS)})
-        if training and "RUN_DIR" not in explicit:  # a training run continues in its own folder
-            resume = args.resume[0] if isinstance(args.resume, list) else args.resume
-            cfg["RUN_DIR"] = os.path.dirname(os.path.abspath(resume))
-    if explicit.get("PRESET"):
-        cfg.update(preset_values(explicit["PRESET"]))
-    cfg.update(explicit)
-    validate_config(cfg, DATASETS)
-    return cfg
-
-
-def settings_line(title, values, cfg, whose):
-    """'TITLE: K=V, ...' with the values in force (an explicit flag may have changed one)."""
-    return f"{title}: " + ", ".join(
-        f"{k}={cfg[k]}" + ("" if cfg[k] == v else f" ({whose} {v}, overridden)") for k, v in values.items())
-
-
-def preset_values(text):
-    """The constants set by --preset NAME[,NAME...], later names winning."""
-    values = {}
-    for name in text.split(","):
-        if name not in PRESETS:
-            raise UsageError(f"--preset must be one or more of {', '.join(PRESETS)} (comma-separated), not {name!r}")
-        values.update(PRESETS[name])
-    return values
-
-
-def preset_line(cfg):
-    """'preset NAME: K=V, ...', or None without a preset."""
-    if not cfg["PRESET"]:
-        return None
-    return settings_line(f"preset {cfg['PRESET']}", preset_values(cfg["PRESET"]), cfg, "the preset's")
-
-
-def dataset_line(cfg):
-    """'data set NAME: K=V, ...' for a data set with settings of its own, else None."""
-    values = DATASETS[cfg["DATASET"]]["settings"]
-    if not values:
-        return None
-    return settings_line(f"data set {cfg['DATASET']} (the paper's settings for it)", values, cfg, "its")
+def eval_step(model, cfg, device, dtype):
+    """The test pass's BatchLoss of a model (--eval-only, ensembles)."""
+    return BatchLoss(model, build_loss(cfg), device, dtype, 0, cfg["CHANNELS_LAST"], crop=cfg["CROP_SIZE"])
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--benchmark" in argv:  # the benchmark lives in bench.py, beside this file
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        sys.modules.setdefault("capsule_network", sys.modules[__name__])  # bench times this module, not a copy
-        import bench
-
-        return bench.main([a for a in argv if a != "--benchmark"])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     dist = Distributed()  # torchrun's environment; a world of one without it
     training = not (args.export_weights or args.eval_only or args.visualize or args.predict)
     if dist.enabled and not training and not dist.main:
@@ -1216,20 +975,20 @@ def run_mode(args, training, dist, where):
         path = os.path.join(args.RUN_DIR or RUN_DIR, "last.pt")
         args.resume = path if os.path.exists(path) else None
     ckpt = load_checkpoint(args.resume) if args.resume else None
-    cfg = make_config(args, ckpt)
+    cfg, origin = configure(flags_given(args), ckpt, args.resume)
     where.update(batch=cfg["BATCH_SIZE"], eval_batch=cfg["EVAL_BATCH_SIZE"])
     if not training and not cfg["IMAGE_SIZE"]:  # a checkpoint from before the data's shape was saved
-        nominal_data_settings(cfg, DATASETS[cfg["DATASET"]])
+        nominal_data_settings(cfg)
     if args.export_weights:
         export_weights(ckpt, cfg, args.export_weights)
     elif args.eval_only:
-        run_eval(cfg, ckpt, [load_checkpoint(path) for path in resumes[1:]])
+        run_eval(cfg, ckpt, [load_checkpoint(path) for path in resumes[1:]], build_model, eval_step)
     elif args.predict:
-        run_predict(cfg, ckpt, args.predict)
+        run_predict(cfg, ckpt, args.predict, build_model)
     elif args.visualize:
-        run_visualize(cfg, ckpt)
+        run_visualize(cfg, ckpt, build_model)
     else:
-        run_training(cfg, ckpt, dist, resume_auto and ckpt is None, where)
+        run_training(cfg, ckpt, dist, resume_auto and ckpt is None, where, origin)
     return 0
 
 

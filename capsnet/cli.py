@@ -61,7 +61,7 @@ def add_constant_flags(parser, path, values):
     for name, kind, help_text in constants_table(path):
         default = values[name]
         flag = "--" + name.lower().replace("_", "-")
-        text = f"{help_text} (default: {default})"
+        text = f"{help_text} (default: {'the data set' + chr(39) + 's' if default is None else default})"
         if name == "COMPILE":  # --compile [auto|on|off|step], --no-compile
             parser.add_argument(flag, dest=name, nargs="?", const=True, type=compile_setting, default=None,
                                 metavar="auto|on|off|step", help=text)
@@ -76,7 +76,7 @@ def add_constant_flags(parser, path, values):
 
 def validate_config(cfg, datasets):
     """Raise UsageError naming the first constant of the configuration `cfg` with an impossible
-    value (`datasets`: the script's DATASETS table)."""
+    value (`datasets`: the data sets' names)."""
     checks = [
         (cfg["DATASET"] in datasets, f"--dataset must be one of {', '.join(datasets)}, not {cfg['DATASET']!r}"),
         (cfg["DEVICE"] in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),

@@ -21,6 +21,26 @@ MULTIMNIST_CANVAS = 36  # paper, sec. 6: a 28x28 digit shifted by up to 4 px in 
 MULTIMNIST_TEST_SEED = 20171026  # the fixed test pairs are drawn from this seed, whatever SEED is
 
 
+# What each data set is: how its files are read (`reader`, load_split; `split` for EMNIST), how
+# many objects an image holds, and its (channels, image size, classes) as stored, for synthetic
+# data (bench.py; folder: a typical one). The paper's settings for each are the script's
+# DATASET_SETTINGS.
+DATA_SETS = {
+    "mnist": {"shape": (1, 28, 10), "reader": "MNIST", "objects": 1},
+    "fashion-mnist": {"shape": (1, 28, 10), "reader": "FashionMNIST", "objects": 1},
+    "kmnist": {"shape": (1, 28, 10), "reader": "KMNIST", "objects": 1},
+    # torchvision's EMNIST images stand transposed (load_split turns them upright); the letters'
+    # labels start at 1 (load_split makes them 0..25)
+    "emnist-balanced": {"shape": (1, 28, 47), "reader": "EMNIST", "split": "balanced", "objects": 1},
+    "emnist-letters": {"shape": (1, 28, 26), "reader": "EMNIST", "split": "letters", "objects": 1},
+    "cifar10": {"shape": (3, 32, 10), "reader": "cifar10", "objects": 1},
+    "svhn": {"shape": (3, 32, 10), "reader": "svhn", "objects": 1},
+    "smallnorb": {"shape": (2, 96, 5), "reader": "smallnorb", "objects": 1},
+    "folder": {"shape": (3, 28, 10), "reader": "folder", "objects": 1},
+    "multimnist": {"shape": (1, 36, 10), "reader": "MNIST", "objects": 2},
+}
+
+
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -297,11 +317,12 @@ def resize_images(images, size, chunk=2048):
     return out
 
 
-def load_split(cfg, train, spec):
+def load_split(cfg, train):
     """One split of cfg's data set, as the model sees it before any crop -> (images uint8, (N, H, W)
     for one channel or (N, C, H, W), labels int64 (N,), class names), on the CPU. Needs
     cfg["CLASS_NAMES"] and cfg["IMAGE_CHANNELS"] for a folder's test split (the training set's).
-    `spec` is the data set's entry of the script's DATASETS table."""
+    """
+    spec = DATA_SETS[cfg["DATASET"]]
     reader, data_dir = spec["reader"], cfg["DATA_DIR"]
     if reader == "folder":
         known = cfg["CLASS_NAMES"] if not train and cfg["CLASS_NAMES"] else None
@@ -576,13 +597,13 @@ class DeviceData:
         return f"{sizes}{self.test.rows:,} fixed test pairs"
 
 
-def load_data(cfg, device, spec, train=True):
+def load_data(cfg, device, train=True):
     """cfg's data set on `device` -> Data (without training batches if not `train`). Records what
     the data decides in cfg (saved in checkpoints, so that the model can be rebuilt without the
     data): NUM_CLASSES, IMAGE_CHANNELS, IMAGE_SIZE (as stored) and CLASS_NAMES."""
     splits = {}
     for split in ("train", "test") if train else ("test",):
-        images, labels, classes = load_split(cfg, split == "train", spec)
+        images, labels, classes = load_split(cfg, split == "train")
         if split == "train" or not cfg["CLASS_NAMES"]:
             resolve_data_settings(cfg, images, classes)
         images, labels = images.to(device), labels.to(device)
@@ -596,7 +617,7 @@ def load_data(cfg, device, spec, train=True):
         splits[split] = PairBatches(images, labels, batch_size, cfg["MULTIMNIST_SHIFT"], fixed=split == "test",
                                     repeats=cfg["MULTIMNIST_TEST_PAIRS"])
     return DeviceData(cfg["DATASET"], splits.get("train"), splits["test"], cfg["CLASS_NAMES"], cfg["IMAGE_CHANNELS"],
-                      input_size(cfg), spec["objects"])
+                      input_size(cfg), DATA_SETS[cfg["DATASET"]]["objects"])
 
 
 def resolve_data_settings(cfg, images, classes):
@@ -614,10 +635,10 @@ def resolve_data_settings(cfg, images, classes):
     validate_shape(cfg)
 
 
-def nominal_data_settings(cfg, spec):
-    """What load_data would decide, from the data set's `shape` in DATASETS (for synthetic data: bench.py); values
+def nominal_data_settings(cfg):
+    """What load_data would decide, from the data set's `shape` in DATA_SETS (for synthetic data: bench.py); values
     given explicitly (IMAGE_SIZE, IMAGE_CHANNELS, NUM_CLASSES) are kept."""
-    channels, size, classes = spec["shape"]
+    channels, size, classes = DATA_SETS[cfg["DATASET"]]["shape"]
     if cfg["DATASET"] == "multimnist":
         cfg["IMAGE_SIZE"] = size
     cfg.update(NUM_CLASSES=cfg["NUM_CLASSES"] or classes, IMAGE_CHANNELS=cfg["IMAGE_CHANNELS"] or channels,

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from capsnet.fast import CompiledOrEager
 
 CONVS = ((32, 5, 1), (64, 3, 1), (64, 3, 1), (128, 3, 2))  # (filters, kernel, stride), valid padding
 PRIMARY_CAPS, PRIMARY_DIM = 16, 8  # 128 channels of the depthwise convolution = 16 capsules x 8
@@ -101,7 +100,7 @@ class EfficientBody(nn.Module):
         self.decoder = decoder
         self.init_as_authors()
         self.record_routing, self.logit_changes = False, []  # no iterative routing: nothing to record
-        self.capsule_layer, self.compiled = fc_caps, None
+        self.eager_routing = self.routing = fc_caps  # fast.use_compiled_routing may swap in a compiled one
 
     @torch.no_grad()
     def init_as_authors(self):
@@ -123,11 +122,9 @@ class EfficientBody(nn.Module):
             keras_normal_(layer.weight, layer.in_features, layer.out_features if last else None)
             layer.bias.zero_()
 
-    def use_compile(self, compiled=True):
-        """torch.compile FCCaps (votes and routing), as CapsuleNet compiles its capsule layer."""
-        if compiled and self.compiled is None:
-            self.compiled = CompiledOrEager(fc_caps)
-        self.capsule_layer = self.compiled if compiled else fc_caps
+    def routing_to_compile(self):
+        """What torch.compile compiles (fast.use_compiled_routing): FCCaps' votes and routing."""
+        return fc_caps
 
     def primary_capsules(self, images):
         """images (B, C, H, W) -> squashed primary capsules (B, 16, 8)."""
@@ -141,7 +138,7 @@ class EfficientBody(nn.Module):
         """images -> class capsules v (B, J, E) and couplings c (B, I, J), in fp32, as CapsuleNet."""
         u = self.primary_capsules(images)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            v, c = self.capsule_layer(self.W.float(), u, self.bias.float())
+            v, c = self.routing(self.W.float(), u, self.bias.float())
         return v, c.transpose(1, 2)
 
 

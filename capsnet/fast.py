@@ -10,49 +10,97 @@ import math
 import sys
 import time
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 
-from capsnet.runtime import Distributed, is_out_of_memory, sync
+from capsnet.runtime import Distributed, is_out_of_memory, sync, tune_cpu_malloc
 
 
-def conv1_primary_cpu(model, images):
-    """ReLU(Conv1) then the PrimaryCaps convolution of CapsuleNet `model` on CPU images (B, C, H, W),
-    computed as the model's settings ask: through small DFTs (model.dft_conv), or with the weight
-    gradient as one GEMM (model.gemm_weight_grad, in training) -> (B, T*D, G, G); None where
-    neither applies (then the model convolves plainly). The same function either way."""
-    weight, bias, stride = model.primary_weight(), model.primary.bias, model.primary.stride[0]
-    if model.dft_conv:
-        # Given channels-last input (for one channel: the same memory, with channels-last
-        # strides), Conv1 writes channels-last: the layout conv2d_dft reads without a transpose.
-        B, C, H, W = images.shape
-        if C == 1:
-            images = images.contiguous().as_strided(images.shape, (H * W, 1, W, 1))
-        else:
-            images = images.contiguous(memory_format=torch.channels_last)
-        x = model.conv1_activation(model.conv1(images)).permute(0, 2, 3, 1)  # (B, 20, 20, 256)
-        return conv2d_dft(x, weight, bias, stride, x.dtype, cached_weight_f(model, x.dtype))  # (B, T*D, 6, 6)
-    if model.gemm_weight_grad and torch.is_grad_enabled() and model.primary.weight.requires_grad:
-        x = model.conv1_activation(model.conv1(images))  # (B, 256, 20, 20)
-        dtype = x.dtype  # bf16 under autocast
-        return StridedConvGemmGrad.apply(x, weight.to(dtype), bias.to(dtype), stride)  # (B, T*D, 6, 6)
-    return None
+def use_cpu_speedups(model, dft_conv=True, gemm_weight_grad=True, malloc_tuning=True):
+    """The CPU speed paths for `model` (the same values, computed faster; results/README.md): a
+    CapsuleNet's ReLU(Conv1) + PrimaryCaps convolution through small DFTs (dft_conv) or with the
+    weight gradient as one GEMM (gemm_weight_grad), through its public `conv_path`; and glibc's
+    allocator tuned for this process (malloc_tuning) at the first CPU forward. The script's
+    build_model calls it with CPU_DFT_CONV, CPU_GEMM_WEIGHT_GRAD and CPU_MALLOC_TUNING; a script of
+    your own may too. Models without a conv_path (Efficient-CapsNet) get the allocator only."""
+    if hasattr(model, "conv_path"):
+        model.conv_path = CpuConvPath(dft_conv, gemm_weight_grad, malloc_tuning)
+    return model
 
 
-def cached_weight_f(model, dtype):
-    """dft_weight of the model's PrimaryCaps weights when no gradient flows to them (evaluation),
-    kept in model._weight_f while the weights hold the same values (compared with a copy: fused
-    optimizers update them in place without a version bump); None when it must be in the graph."""
-    w = model.primary.weight
-    if torch.is_grad_enabled() and w.requires_grad:
+class CpuConvPath:
+    """ReLU(Conv1) then the PrimaryCaps convolution of a CapsuleNet on CPU images (B, C, H, W),
+    computed as set: through small DFTs (dft), or with the weight gradient as one GEMM (gemm, in
+    training) -> (B, T*D, G, G); None where neither applies (the model then convolves plainly).
+    The DFT of the PrimaryCaps weights is kept between evaluation batches while they hold the same
+    values (compared with a copy: fused optimizers update them in place without a version bump)."""
+
+    def __init__(self, dft=True, gemm=True, malloc_tuning=True):
+        self.dft, self.gemm, self.malloc_tuning = dft, gemm, malloc_tuning
+        self.cached = None  # (weight, dtype, its values, its DFT)
+
+    def __call__(self, model, images):
+        if self.malloc_tuning:
+            tune_cpu_malloc()  # once per process
+        weight, bias, stride = model.primary_weight(), model.primary.bias, model.primary.stride[0]
+        if self.dft:
+            # Given channels-last input (for one channel: the same memory, with channels-last
+            # strides), Conv1 writes channels-last: the layout conv2d_dft reads without a transpose.
+            B, C, H, W = images.shape
+            if C == 1:
+                images = images.contiguous().as_strided(images.shape, (H * W, 1, W, 1))
+            else:
+                images = images.contiguous(memory_format=torch.channels_last)
+            x = model.conv1_activation(model.conv1(images)).permute(0, 2, 3, 1)  # (B, 20, 20, 256)
+            return conv2d_dft(x, weight, bias, stride, x.dtype, self.weight_f(model, x.dtype))  # (B, T*D, 6, 6)
+        if self.gemm and torch.is_grad_enabled() and model.primary.weight.requires_grad:
+            x = model.conv1_activation(model.conv1(images))  # (B, 256, 20, 20)
+            dtype = x.dtype  # bf16 under autocast
+            return StridedConvGemmGrad.apply(x, weight.to(dtype), bias.to(dtype), stride)  # (B, T*D, 6, 6)
         return None
-    with torch.no_grad():
-        cached = model._weight_f
-        if cached is None or cached[0] is not w or cached[1] != dtype or not torch.equal(cached[2], w):
-            model._weight_f = cached = (w, dtype, w.detach().clone(),
+
+    def weight_f(self, model, dtype):
+        """dft_weight of the PrimaryCaps weights when no gradient flows to them (evaluation), from the
+        cache while they are unchanged; None when it must be in the graph."""
+        w = model.primary.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return None
+        with torch.no_grad():
+            cached = self.cached
+            if cached is None or cached[0] is not w or cached[1] != dtype or not torch.equal(cached[2], w):
+                self.cached = cached = (w, dtype, w.detach().clone(),
                                         dft_weight(model.primary_weight(), model.primary.stride[0], model.grid, dtype))
-    return cached[3]
+        return cached[3]
+
+
+_COMPILED = weakref.WeakKeyDictionary()  # model -> the CompiledOrEager version of its routing
+
+
+def use_compiled_routing(model, compiled=True):
+    """Route `model`'s capsules with torch.compile's version of its routing (made at the first call,
+    from model.routing_to_compile()), or, compiled=False, with its eager routing again. Only the
+    capsule part is compiled: it fuses the memory-bound routing ops, while the convolutions stay
+    on the vendor kernels (compiling them made CPU training slower)."""
+    if compiled and model not in _COMPILED:
+        _COMPILED[model] = CompiledOrEager(model.routing_to_compile())
+    model.routing = _COMPILED[model] if compiled else model.eager_routing
+
+
+def compiled_routing(model):
+    """The CompiledOrEager routing use_compiled_routing made for `model`, or None."""
+    return _COMPILED.get(model)
+
+
+def model_to_device(model, cfg, device):
+    """The model on `device`, channels-last and with the compiled routing if cfg asks."""
+    model = model.to(device)
+    if cfg["CHANNELS_LAST"]:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg["COMPILE"] is True:
+        use_compiled_routing(model)
+    return model
 
 
 class CompiledOrEager:
@@ -227,8 +275,8 @@ class WholeStep:
     def __init__(self, model, fn, graphs):
         self.model, self.graphs = model, graphs
         self.compiled = CompiledOrEager(fn, "reduce-overhead" if graphs else None)
-        model.use_compile(True)  # the compiled layer serves the test pass; its .eager is the plain layer
-        self.layer = model.compiled.eager
+        use_compiled_routing(model)  # the compiled routing serves the test pass; its .eager is the plain one
+        self.layer = compiled_routing(model).eager
         logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(not_a_profiler_note)
 
     @property
@@ -237,14 +285,14 @@ class WholeStep:
 
     def __call__(self, *args):
         model = self.model
-        saved = model.capsule_layer, model.record_routing
-        model.capsule_layer, model.record_routing = self.layer, False
+        saved = model.routing, model.record_routing
+        model.routing, model.record_routing = self.layer, False
         try:
             if self.graphs:  # the outputs of the previous step are no longer read
                 torch.compiler.cudagraph_mark_step_begin()
             loss, lengths = self.compiled(*args)
         finally:
-            model.capsule_layer, model.record_routing = saved
+            model.routing, model.record_routing = saved
         return loss, lengths.detach().clone()  # a CUDA graph's outputs are overwritten by its next run
 
 
@@ -282,7 +330,7 @@ class CompileChoice:
             self.use(self.choice)
 
     def use(self, kind):
-        self.model.use_compile(kind != "eager")  # "step": the compiled layer serves the test pass
+        use_compiled_routing(self.model, kind != "eager")  # "step": the compiled routing serves the test pass
         if self.network is not None:
             self.network.use_whole_step(kind == "step")
 
@@ -309,7 +357,7 @@ class CompileChoice:
     def decide(self):
         median = {k: sorted(t)[len(t) // 2] for k, t in self.times.items()}
         whole = self.network.whole_step if self.network is not None else None
-        failed = {"compiled": self.model.compiled.failed, "step": whole is not None and whole.failed}
+        failed = {"compiled": compiled_routing(self.model).failed, "step": whole is not None and whole.failed}
         usable = {k: m for k, m in median.items() if not failed.get(k)}
         self.choice = min(usable, key=usable.get)  # the first of equals: compiled before eager
         why = ", ".join(f"{m:.3f} s {k}" for k, m in median.items())

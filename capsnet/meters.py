@@ -3,6 +3,8 @@ totals kept on the device, and MultiMNIST's two-digit scores (paper, sec. 6)."""
 
 import torch
 
+from capsnet.runtime import device_name
+
 
 def matched_predictions(lengths, pair_labels):
     """The two longest capsules (B, 2), ordered to match pair_labels (B, 2): position k holds label k
@@ -170,3 +172,28 @@ def print_evaluation(result, name, objects, models, seconds):
           "confusion matrix of the digits (rows: true class, columns: the capsule matched to it):")
     for k, counts in enumerate(result["confusion"]):
         print(f"  {k}: " + " ".join(f"{int(c):5d}" for c in counts))
+
+
+def epoch_row(epoch, lr, meters, train_seconds, test_seconds, train_rows, changes, compile_choice, device):
+    """One metrics.jsonl row: the epoch's learning rate, each pass's meters, times and speed, the
+    mean routing logit change per iteration, the compile choice, and the device it ran on. For
+    two-digit images train_accuracy and test_accuracy are both digits right (the paper's score),
+    and *_accuracy_any at least one."""
+    row = {"epoch": epoch, "lr": lr}
+    for mode in ("train", "test"):
+        row.update({f"{mode}_{k}": v for k, v in meter_values(meters[mode]).items()})
+    row.update({"train_seconds": round(train_seconds, 3), "test_seconds": round(test_seconds, 3),
+                "train_images_per_s": round(train_rows / train_seconds, 1), "routing_logit_change": changes,
+                "compile": compile_choice, "device_name": device_name(device)})
+    return row
+
+
+def print_epoch(row, epochs):
+    """The epoch's line on the terminal."""
+    both = " (both digits)" if "test_accuracy_any" in row else ""
+    anyone = f", at least one {row['test_accuracy_any']:.2f}%" if both else ""
+    print(f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f} "
+          f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc{both} "
+          f"{row['test_accuracy']:.2f}%{anyone}  ({row['train_seconds']:.1f}s + {row['test_seconds']:.1f}s)",
+          flush=True)
+

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import threading
+import warnings
 
 import torch
 
@@ -385,8 +386,8 @@ _malloc_tuned = None  # result of the first tune_cpu_malloc() call of this proce
 def tune_cpu_malloc():
     """Keep glibc from unmapping big activations after every step (they are page-faulted back on
     the next one; measured in results/README.md): big blocks come from the heap, and up to 1 GiB of
-    freed memory stays with the process. Process-wide and done once; CapsuleNet calls it at its
-    first CPU forward unless built with cpu_malloc_tuning=False. True when the settings took effect."""
+    freed memory stays with the process. Process-wide and done once: setup_process calls it, and
+    fast.use_cpu_speedups' conv path at its first CPU forward. True when the settings took effect."""
     global _malloc_tuned
     if _malloc_tuned is None:
         try:
@@ -413,11 +414,68 @@ def setup_process(cfg, dist=None):
     return device, bool(malloc_tuned)
 
 
-def model_to_device(model, cfg, device):
-    """The model on `device`, channels-last and with the compiled capsule layer if cfg asks."""
-    model = model.to(device)
-    if cfg["CHANNELS_LAST"]:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg["COMPILE"] is True:
-        model.use_compile()
-    return model
+def device_name(device):
+    """The GPU's name, or the CPU's model and its cores (recorded in metrics rows and benchmarks)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return f"{model} ({os.cpu_count()} cores)"
+        except (OSError, StopIteration):
+            return "cpu"
+    return device.type
+
+
+def wrap_ddp(model, device, dist):
+    """Under torchrun: the DistributedDataParallel wrapper that averages the gradients over the
+    processes (the model itself stays plain); else None."""
+    if not dist.enabled:
+        return None
+    # Conv1's weight (256, 1, 9, 9) gets its gradient with channels-last strides from the CPU path
+    # (fast.CpuConvPath); with one input channel that is the same memory order, and DDP's warning
+    # about it says nothing.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class RunRecord:
+    """What a run leaves in its directory, written by rank 0 alone: a metrics.jsonl row per epoch,
+    best.pt and last.pt after each epoch, and last.pt with the position when a stop signal
+    arrives inside an epoch. The row first: a run killed (kill -9) before its checkpoint resumes
+    from the previous epoch and drops this row again (truncate_metrics), so metrics and
+    checkpoints agree; best.pt before last.pt, so that last.pt never names a best epoch best.pt
+    lacks. Stop signals wait (stop_signals) until the files are written."""
+
+    def __init__(self, run_dir, dist, saved_epoch=0, best_accuracy=None):
+        self.run_dir, self.dist = run_dir, dist
+        self.saved_epoch, self.best_accuracy = saved_epoch, best_accuracy  # the epoch last.pt holds
+        self.last = os.path.join(run_dir, "last.pt")
+
+    def end_epoch(self, row, checkpoint):
+        """The epoch's row and checkpoints (checkpoint(): the dict to save, made after best_accuracy
+        is brought up to date) -> whether it is the best epoch so far."""
+        is_best = self.best_accuracy is None or row["test_accuracy"] > self.best_accuracy
+        if is_best:
+            self.best_accuracy = row["test_accuracy"]
+        self.saved_epoch = row["epoch"]
+        if self.dist.main:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            ckpt = checkpoint()
+            if is_best:
+                atomic_torch_save(ckpt, os.path.join(self.run_dir, "best.pt"))
+            atomic_torch_save(ckpt, self.last)
+        return is_best
+
+    def save_position(self, ckpt, partial):
+        """last.pt with a mid-epoch position (Trainer.stop_here), every process waiting for it."""
+        if self.dist.main:
+            atomic_torch_save(dict(ckpt, partial=partial), self.last)
+        self.dist.barrier()
+
+    def kept(self):
+        """What a failed epoch leaves: '... last.pt keeps epoch N', or that nothing was written."""
+        return f"{self.last} keeps epoch {self.saved_epoch}" if self.saved_epoch else "no checkpoint was written"
+

@@ -171,3 +171,47 @@ class VisdomPlots:
             self.couplings.log(figures["couplings"].numpy())
             if "rotation" in figures:
                 self.rotation.log(figures["rotation"].numpy())
+
+
+class LiveProgress:
+    """A pass's progress: its batches counted, and every PROGRESS_EVERY batches (one device sync)
+    the running loss and accuracy in the tqdm bar and, in training, the mean of those batches
+    alone as a point in Visdom's live windows, at x = epoch + the fraction of it done."""
+
+    def __init__(self, every, visdom, shown=True):
+        self.every, self.visdom, self.shown = every, visdom, shown
+        self.bar = None
+        self.start_pass()
+
+    def start_pass(self, batch=0, last_totals=(0.0, 0.0, 0)):
+        """A new pass, or a pass resumed after `batch` batches with PassStats.totals() `last_totals`
+        at its last progress update."""
+        self.batch, self.last_totals = batch, last_totals
+
+    def wrap(self, batches, desc, total=None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, initial=self.batch,
+                        total=total, file=sys.stderr, unit="batch", disable=not self.shown)
+        return self.bar
+
+    def due(self, stats):
+        """One more batch done: every `every` batches, stats.totals() (loss sum, correct, count,
+        first non-finite batch or -1), else None."""
+        self.batch += 1
+        return stats.totals() if self.batch % self.every == 0 else None
+
+    def show(self, totals, epoch, batches):
+        """Show `totals` (due's); in training (`epoch` not None, of `batches`) also in Visdom."""
+        loss_sum, correct, count, _ = totals
+        self.bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{100.0 * correct / count:.2f}%", refresh=False)
+        if epoch is not None:
+            last_sum, last_correct, last_count = self.last_totals
+            self.last_totals = loss_sum, correct, count
+            self.visdom.log_progress(epoch + self.batch / batches, (loss_sum - last_sum) / (count - last_count),
+                                     100.0 * (correct - last_correct) / (count - last_count))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+

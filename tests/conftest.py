@@ -25,7 +25,7 @@ SCRIPT = os.path.join(ROOT, "capsule_network.py")
 sys.path.insert(0, ROOT)
 
 import capsule_network as cn  # noqa: E402  (after the sys.path change)
-from capsnet import data  # noqa: E402
+from capsnet import data, fast  # noqa: E402
 
 MNIST_NAMES = (
     "train-images-idx3-ubyte",
@@ -179,18 +179,26 @@ def copy_run(src, dst):
 
 
 # ---- models built in-process ----
-def small_model(seed=0, **kw):
+def small_model(seed=0, dft_conv=True, gemm_weight_grad=True, cpu_malloc_tuning=True, **kw):
+    """A small CapsuleNet (CapsNetConfig fields in `kw`, decoder_hidden=(h1, h2) for both widths),
+    with the CPU speed paths as given (fast.use_cpu_speedups), in eval mode."""
     torch.manual_seed(seed)
-    args = dict(conv1_channels=16, primary_caps=4, decoder_hidden=(32, 64))
-    args.update(kw)
-    return cn.CapsuleNet(**args).eval()
+    model = cn.CapsuleNet(model_config(**dict(dict(conv1_channels=16, primary_caps=4, decoder_hidden=(32, 64)), **kw)))
+    return fast.use_cpu_speedups(model, dft_conv, gemm_weight_grad, cpu_malloc_tuning).eval()
+
+
+def model_config(decoder_hidden=None, **kw):
+    """cn.CapsNetConfig with the decoder's two widths given as one pair."""
+    if decoder_hidden:
+        kw.update(decoder_hidden1=decoder_hidden[0], decoder_hidden2=decoder_hidden[1])
+    return cn.CapsNetConfig(**kw)
 
 
 @pytest.fixture(scope="session")
 def full_model():
     """The paper-sized CapsuleNet with the script's default constants (eval mode, seed 0)."""
     torch.manual_seed(0)
-    return cn.CapsuleNet().eval()
+    return fast.use_cpu_speedups(cn.CapsuleNet()).eval()
 
 
 @pytest.fixture

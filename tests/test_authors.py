@@ -61,14 +61,14 @@ def test_digit_caps_bias_is_the_authors_routing(children_last):
     expected = authors_update_routing(u_hat, bias, 3)
     v_ref, _ = cn.dynamic_routing(u_hat, 3, bias=bias)
     torch.testing.assert_close(v_ref, expected)
-    v, _, _ = cn.capsule_layer(W, u, 3, False, children_last=children_last, bias=bias)
+    v, _, _ = cn.factored_routing(W, u, 3, False, children_last=children_last, bias=bias)
     torch.testing.assert_close(v, expected)
     probe = torch.randn(B, J, E, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((v * probe).sum(), (W, u, bias))
     grads_ref = torch.autograd.grad((v_ref * probe).sum(), (W, u, bias))
     for got, want in zip(grads, grads_ref):
         torch.testing.assert_close(got, want)
-    without = cn.capsule_layer(W, u, 3, False, children_last=children_last)[0]
+    without = cn.factored_routing(W, u, 3, False, children_last=children_last)[0]
     assert not torch.allclose(without, v)  # the bias changes the result
 
 
@@ -113,17 +113,18 @@ def test_authors_init():
 
 def test_authors_preset_combines_with_a_schedule_and_shows_in_the_model_line():
     parser = cn.build_parser()
-    cfg = cn.make_config(parser.parse_args(["--preset", "mnist-2h,authors"]), None)
+    cfg, origin = cn.configure(cn.flags_given(parser.parse_args(["--preset", "mnist-2h,authors"])))
     assert (cfg["EPOCHS"], cfg["LR_DECAY"]) == (30, 0.88)
     assert (cfg["INIT"], cfg["PRIMARY_SCALE"], cfg["DIGIT_CAPS_BIAS"], cfg["MARGIN_REDUCTION"]) == \
         ("authors", 0.03125, True, "half-mean")
-    assert cn.preset_line(cfg) == ("preset mnist-2h,authors: EPOCHS=30, LR_DECAY=0.88, MARGIN_REDUCTION=half-mean, "
-                                   "DIGIT_CAPS_BIAS=True, PRIMARY_SCALE=0.03125, INIT=authors")
+    assert cn.settings_lines(cfg, origin, cn.file_constants()) == [
+        "preset mnist-2h: EPOCHS=30, LR_DECAY=0.88",
+        "preset authors: MARGIN_REDUCTION=half-mean, DIGIT_CAPS_BIAS=True, PRIMARY_SCALE=0.03125, INIT=authors"]
     assert cn.authors_choices(cfg) == ["INIT=authors", "PRIMARY_SCALE=0.03125", "DIGIT_CAPS_BIAS=True",
                                        "MARGIN_REDUCTION=half-mean"]
-    assert cn.authors_choices(cn.make_config(parser.parse_args([]), None)) == []
+    assert cn.authors_choices(cn.default_config()) == []
     model = cn.build_model(cfg)
-    assert model.digit_bias is not None and model.primary_scale == 0.03125
+    assert model.digit_bias is not None and model.config.primary_scale == 0.03125
     assert sum(p.numel() for p in model.parameters()) == \
         sum(p.numel() for p in cn.build_model(cn.default_config()).parameters()) + 160
     assert isinstance(cn.build_loss(cfg), cn.CapsuleLoss) and cn.build_loss(cfg).margin_reduction == "half-mean"
@@ -135,4 +136,4 @@ def test_bad_authors_values_are_usage_errors():
                        (["--margin-reduction", "mean"], "--margin-reduction must be sum or half-mean"),
                        (["--primary-scale", "0"], "--primary-scale must be > 0")]:
         with pytest.raises(runtime.UsageError, match=text):
-            cn.make_config(parser.parse_args(argv), None)
+            cn.configure(cn.flags_given(parser.parse_args(argv)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SCRIPT, cn, describe, run_script
-from capsnet import cli  # noqa: E402
+from capsnet import cli, runtime  # noqa: E402
 
 BENCH = os.path.join(ROOT, "bench.py")
 sys.path.insert(0, ROOT)
@@ -52,14 +52,22 @@ def check_report(done, path):
     return result
 
 
-def test_the_trainer_hands_over_to_bench_which_writes_json(tmp_path):
-    """capsule_network.py --benchmark --benchmark-json PATH (bench.py's flags through the trainer)
-    with one timed step: exit 0 and a JSON file with device, dtype, batch size and images/s for
-    this model and the gram-ai-structured baseline, speed-ups from them; no run dir, no data."""
+def test_bench_times_a_preset_through_the_trainers_configuration(tmp_path):
+    """bench.py --preset authors --benchmark-json PATH with one timed step: exit 0 and a JSON file
+    with device, dtype, batch size and images/s for this model and the gram-ai-structured baseline,
+    speed-ups from them; the model is the preset's (its parameter count: the trainer's model with
+    the authors' digit-capsule bias, 160 more); no run dir, no data. The trainer itself has no
+    --benchmark (bench.py is the one way in)."""
     out = tmp_path / "bench.json"
-    check_report(run_script(["--benchmark", *TINY, "--no-benchmark-direct", "--benchmark-json", out], cwd=tmp_path),
-                 out)
+    result = check_report(run_bench([*TINY, "--preset", "authors", "--no-benchmark-direct", "--benchmark-json", out],
+                                    tmp_path), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+    preset_model = cn.build_model(cn.default_config(PRESET="authors"))
+    assert result["preset"] == "authors" and preset_model.digit_bias is not None
+    assert result["parameters"] == sum(p.numel() for p in preset_model.parameters()) == 8_215_728
+    assert result["device_name"] == runtime.device_name(torch.device("cpu"))
+    done = run_script(["--benchmark"], cwd=tmp_path)
+    assert done.returncode == 2 and "unrecognized arguments: --benchmark" in done.stderr
 
 
 def test_bench_times_multimnist_at_36x36(tmp_path):
@@ -149,11 +157,10 @@ def test_bench_accepts_every_trainer_flag():
     (["--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_bench_usage_errors(argv, fragment, capsys):
-    """A bad value: exit 2 and one line, from bench.py and through capsule_network.py --benchmark."""
-    for run in (lambda: bench.main(argv), lambda: cn.main(["--benchmark"] + argv)):
-        rc = run()
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(lines) == 1 and lines[0].startswith("bench.py: error:") and fragment in lines[0]
+    """A bad value: exit 2 and one line."""
+    rc = bench.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("bench.py: error:") and fragment in lines[0]
 
 
 def test_the_trainer_holds_no_benchmark_code():

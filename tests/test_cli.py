@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, SCRIPT, cn
 from capsnet import cli  # noqa: E402
@@ -13,6 +14,18 @@ from capsnet import cli  # noqa: E402
 BRIEF_FLAGS = ["--data-dir", "--device", "--epochs", "--batch-size", "--lr", "--lr-decay",
                "--routing-iterations", "--seed", "--train-size", "--test-size", "--run-dir", "--resume",
                "--eval-only", "--no-visdom", "--visdom-server", "--visdom-port", "--visdom-env"]
+
+
+def config_of(args, ckpt=None):
+    """The run's settings from parsed flags, as run_mode makes them."""
+    resume = args.resume[0] if args.resume else None
+    return cn.configure(cn.flags_given(args), ckpt, resume)[0]
+
+
+def start_lines(argv):
+    """The start-up lines that say where the settings not from the file came from."""
+    cfg, origin = cn.configure(cn.flags_given(cn.build_parser().parse_args(argv)))
+    return cn.settings_lines(cfg, origin, cn.file_constants())
 
 
 def test_import_prints_nothing_and_creates_no_files(tmp_path):
@@ -49,12 +62,15 @@ def test_help_lists_every_constant_with_its_default():
     for name, _, _ in cli.constants_table(SCRIPT):
         flag = "--" + name.lower().replace("_", "-")
         assert flag in blocks, flag
-        assert f"(default: {getattr(cn, name)})" in " ".join(blocks[flag].split()), blocks[flag]
+        default = "the data set's" if getattr(cn, name) is None else getattr(cn, name)
+        assert f"(default: {default})" in " ".join(blocks[flag].split()), blocks[flag]
     for flag in BRIEF_FLAGS:
         assert re.search(rf"(^|[\s\[,]){re.escape(flag)}\b", text), flag
-    for flag in ("--resume", "--eval-only", "--visualize", "--benchmark", "--benchmark-json", "--export-weights"):
+    for flag in ("--resume", "--eval-only", "--visualize", "--predict", "--export-weights"):
         assert flag in blocks, flag
-    assert "--benchmark-worker" not in text  # internal
+    assert "--benchmark" not in text and "bench.py" in text  # the benchmark is bench.py's alone
+    for name, values in cn.PRESETS.items():  # the presets and what they set
+        assert f"{name}: " + ", ".join(f"{k}=" for k in values) in re.sub(r"=[^,;]*", "=", " ".join(text.split()))
 
 
 def test_every_constant_in_the_block_is_a_typed_flag():
@@ -65,8 +81,10 @@ def test_every_constant_in_the_block_is_a_typed_flag():
     assigned = re.findall(r"^([A-Z][A-Z0-9_]*)\b", block, re.M)
     table = cli.constants_table(SCRIPT)
     assert len(assigned) >= 35 and [name for name, _, _ in table] == assigned
-    for name, kind, _ in table:
+    for name, kind, _ in table:  # None: the data set's, which every data set has (its own or the default)
         value = getattr(cn, name)
+        if value is None:
+            value = cn.DATASET_SETTINGS["default"][name]
         assert isinstance(value, kind) or (kind is float and type(value) is int), (name, kind, value)
 
 
@@ -99,7 +117,7 @@ def test_flags_parse_to_the_right_types():
     parser = cn.build_parser()
     args = parser.parse_args(["--lr", "0.01", "--epochs", "7", "--no-amp", "--compile", "--visdom-env", "x",
                               "--max-shift", "0", "--test-size", "10"])
-    cfg = cn.make_config(args, None)
+    cfg = config_of(args, None)
     assert cfg["LR"] == 0.01 and cfg["EPOCHS"] == 7 and cfg["AMP"] is False and cfg["COMPILE"] is True
     assert cfg["VISDOM_ENV"] == "x" and cfg["MAX_SHIFT"] == 0 and cfg["TEST_SIZE"] == 10
     untouched = {k: v for k, v in cfg.items() if k not in
@@ -114,7 +132,7 @@ def test_flags_parse_to_the_right_types():
             argv.append(flag if value else "--no-" + flag[2:])
         else:
             argv += [flag, str(value)]
-    assert cn.make_config(parser.parse_args(argv), None) == cn.default_config()
+    assert config_of(parser.parse_args(argv), None) == cn.default_config()
 
 
 def test_checkpoint_config_then_flags(tmp_path):
@@ -124,11 +142,11 @@ def test_checkpoint_config_then_flags(tmp_path):
     resume = str(tmp_path / "old" / "last.pt")
     ckpt = {"model": {}, "optimizer": {}, "config": dict(cn.default_config(), EPOCHS=3, CONV1_CHANNELS=16,
                                                          RUN_DIR="/elsewhere", NOT_A_CONSTANT=1)}
-    cfg = cn.make_config(parser.parse_args(["--resume", resume, "--epochs", "9"]), ckpt)
+    cfg = config_of(parser.parse_args(["--resume", resume, "--epochs", "9"]), ckpt)
     assert cfg["EPOCHS"] == 9 and cfg["CONV1_CHANNELS"] == 16
     assert cfg["RUN_DIR"] == str(tmp_path / "old")
     assert "NOT_A_CONSTANT" not in cfg
-    cfg = cn.make_config(parser.parse_args(["--resume", resume, "--run-dir", "/chosen"]), ckpt)
+    cfg = config_of(parser.parse_args(["--resume", resume, "--run-dir", "/chosen"]), ckpt)
     assert cfg["RUN_DIR"] == "/chosen" and cfg["EPOCHS"] == 3
 
 
@@ -138,7 +156,7 @@ def test_exported_weights_bring_only_the_model_constants(tmp_path):
     parser = cn.build_parser()
     ckpt = {"model": {}, "config": dict(cn.default_config(), CONV1_CHANNELS=16, ROUTING_ITERATIONS=2,
                                         DATA_DIR="/gpu/data", RUN_DIR="/gpu/run", EPOCHS=7)}
-    cfg = cn.make_config(parser.parse_args(["--resume", str(tmp_path / "w.pt"), "--eval-only"]), ckpt)
+    cfg = config_of(parser.parse_args(["--resume", str(tmp_path / "w.pt"), "--eval-only"]), ckpt)
     assert cfg["CONV1_CHANNELS"] == 16 and cfg["ROUTING_ITERATIONS"] == 2
     assert (cfg["DATA_DIR"], cfg["RUN_DIR"], cfg["EPOCHS"]) == (cn.DATA_DIR, cn.RUN_DIR, cn.EPOCHS)
 
@@ -155,26 +173,26 @@ def test_preset_sets_its_constants_and_explicit_flags_win():
     """--preset mnist-2h sets EPOCHS and LR_DECAY; a flag given with it overrides one of them; the
     line printed at start says so; the rest stays at the defaults."""
     parser = cn.build_parser()
-    cfg = cn.make_config(parser.parse_args(["--preset", "mnist-2h"]), None)
+    cfg = config_of(parser.parse_args(["--preset", "mnist-2h"]), None)
     assert cfg["PRESET"] == "mnist-2h" and {k: cfg[k] for k in cn.PRESETS["mnist-2h"]} == cn.PRESETS["mnist-2h"]
     assert cfg["EPOCHS"] == 30 and cfg["LR_DECAY"] == 0.88
     assert {k: v for k, v in cfg.items() if k not in ("PRESET", "EPOCHS", "LR_DECAY")} == \
         {k: v for k, v in cn.default_config().items() if k not in ("PRESET", "EPOCHS", "LR_DECAY")}
-    assert cn.preset_line(cfg) == "preset mnist-2h: EPOCHS=30, LR_DECAY=0.88"
-    cfg = cn.make_config(parser.parse_args(["--epochs", "3", "--preset", "mnist-2h"]), None)
+    assert start_lines(["--preset", "mnist-2h"]) == ["preset mnist-2h: EPOCHS=30, LR_DECAY=0.88"]
+    cfg = config_of(parser.parse_args(["--epochs", "3", "--preset", "mnist-2h"]), None)
     assert cfg["EPOCHS"] == 3 and cfg["LR_DECAY"] == 0.88
-    assert cn.preset_line(cfg) == "preset mnist-2h: EPOCHS=3 (the preset's 30, overridden), LR_DECAY=0.88"
-    assert cn.preset_line(cn.make_config(parser.parse_args([]), None)) is None
+    assert start_lines(["--epochs", "3", "--preset", "mnist-2h"]) == ["preset mnist-2h: LR_DECAY=0.88"]
+    assert start_lines([]) == []
 
 
 def test_preset_is_kept_by_a_resumed_run_without_reapplying_it():
     """A checkpoint holds the constants in force: resuming keeps them (including a later change of
     --epochs made at an earlier resume) unless --preset is given again."""
     parser = cn.build_parser()
-    saved = dict(cn.make_config(parser.parse_args(["--preset", "mnist-2h"]), None), EPOCHS=40)
+    saved = dict(config_of(parser.parse_args(["--preset", "mnist-2h"]), None), EPOCHS=40)
     ckpt = {"model": {}, "optimizer": {}, "config": saved}
     args = parser.parse_args(["--resume", "runs/x/last.pt"])
-    cfg = cn.make_config(args, ckpt)
+    cfg = config_of(args, ckpt)
     assert cfg["PRESET"] == "mnist-2h" and cfg["EPOCHS"] == 40 and cfg["LR_DECAY"] == 0.88
 
 
@@ -183,3 +201,66 @@ def test_unknown_preset_is_one_line(capsys, tmp_path):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--preset must be one or more of mnist-2h, authors" in lines[0]
     assert not os.path.exists(tmp_path / "none")
+
+
+def edited_copy(tmp_path, **values):
+    """A copy of the script, beside a link to capsnet/, with the constants `values` edited at the
+    top as a user would edit them (the line's value replaced, its comment kept)."""
+    with open(SCRIPT, encoding="utf-8") as f:
+        text = f.read()
+    for name, value in values.items():
+        text, n = re.subn(rf"^({name}: \w+ = )[^#\n]*?(  #)", rf"\g<1>{value!r}\g<2>", text, count=1, flags=re.M)
+        assert n == 1, name
+    path = tmp_path / "capsule_network.py"
+    path.write_text(text, encoding="utf-8")
+    os.symlink(os.path.join(ROOT, "capsnet"), tmp_path / "capsnet")
+    return str(path)
+
+
+def test_a_preset_written_at_the_top_is_applied_as_the_flag_is(tiny_mnist, tmp_path):
+    """PRESET = "authors" edited in the file: the run trains the preset, the start-up line shows it
+    in force, and the checkpoint holds its values, as --preset authors would."""
+    script = edited_copy(tmp_path, PRESET="authors")
+    run = str(tmp_path / "run")
+    done = subprocess.run([sys.executable, script, "--data-dir", tiny_mnist["root"], "--run-dir", run, "--no-visdom",
+                           "--epochs", "1", "--train-size", "40", "--test-size", "20", "--conv1-channels", "8",
+                           "--primary-caps", "2", "--no-compile"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("preset authors: MARGIN_REDUCTION=half-mean, DIGIT_CAPS_BIAS=True, PRIMARY_SCALE=0.03125, INIT=authors"
+            in done.stdout.splitlines())
+    saved = torch.load(os.path.join(run, "last.pt"), map_location="cpu", weights_only=True)
+    flag = cn.default_config(PRESET="authors")
+    assert {k: saved["config"][k] for k in cn.PRESETS["authors"]} == {k: flag[k] for k in cn.PRESETS["authors"]}
+    assert "digit_bias" in saved["model"]
+
+
+def test_a_constant_the_data_set_also_sets_runs_as_written(tmp_path):
+    """PRIMARY_CAPS = 16 written at the top with DATASET = "cifar10": 16 types run, not the data
+    set's 64; the constants left None take cifar10's values, and the start-up line names those
+    alone. Given as flags, the same."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edited_script", edited_copy(tmp_path, DATASET="cifar10",
+                                                                               PRIMARY_CAPS=16))
+    edited = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(edited)
+    cfg, origin = edited.configure({})
+    assert cfg["PRIMARY_CAPS"] == 16 and "PRIMARY_CAPS" not in origin
+    assert (cfg["CROP_SIZE"], cfg["ROUTING_LEAKY"], cfg["STANDARDIZE"]) == (24, True, True)
+    line = edited.settings_lines(cfg, origin, edited.file_constants())
+    assert line == ["data set cifar10 (the paper's settings for it): CROP_SIZE=24, FLIP=True, DISTORT=True, "
+                    "STANDARDIZE=True, MAX_SHIFT=0, ROUTING_LEAKY=True, RECON_DETACH=True"]
+    assert cn.build_model(dict(cfg, DATA_DIR="unused")).primary_caps == 16
+    assert cn.default_config(DATASET="cifar10", PRIMARY_CAPS=16) == dict(cfg, DATASET="cifar10")
+    assert cn.default_config(DATASET="cifar10")["PRIMARY_CAPS"] == 64
+
+
+def test_an_old_checkpoint_keeps_the_behaviour_of_settings_added_after_it(tmp_path):
+    """A cifar10 checkpoint written before STANDARDIZE, DISTORT and RECON_DETACH existed resumes
+    without them (what it was trained with), not with the data set's values of today."""
+    old = dict(cn.default_config(DATASET="cifar10"))
+    for key in ("STANDARDIZE", "DISTORT", "RECON_DETACH", "DECODER_BN"):
+        del old[key]
+    cfg, origin = cn.configure({}, {"model": {}, "optimizer": {}, "config": old}, str(tmp_path / "last.pt"))
+    assert (cfg["STANDARDIZE"], cfg["DISTORT"], cfg["RECON_DETACH"], cfg["DECODER_BN"]) == (False,) * 4
+    assert cfg["PRIMARY_CAPS"] == 64 and origin["PRIMARY_CAPS"] == "checkpoint"

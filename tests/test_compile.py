@@ -12,14 +12,14 @@ from capsnet import fast  # noqa: E402
 
 
 def test_children_last_layout_is_the_same_routing():
-    """capsule_layer(children_last=True), the layout the compiled version runs, gives the values
+    """factored_routing(children_last=True), the layout the compiled version runs, gives the values
     and gradients of the plain layout and of the literal Procedure 1 over u_hat (fp64)."""
     g = torch.Generator().manual_seed(0)
     W = torch.randn(10, 24, 16, 8, dtype=torch.float64, generator=g).requires_grad_()
     u = cn.squash(torch.randn(3, 24, 8, dtype=torch.float64, generator=g)).requires_grad_()
     results = []
     for children_last in (False, True):
-        v, c, changes = cn.capsule_layer(W, u, 3, True, children_last=children_last)
+        v, c, changes = cn.factored_routing(W, u, 3, True, children_last=children_last)
         grads = torch.autograd.grad((v ** 2).sum() + (c ** 3).sum() + changes.sum(), (W, u))
         results.append((v, c, changes, *grads))
     for a, b in zip(*results):
@@ -31,14 +31,24 @@ def test_children_last_layout_is_the_same_routing():
 
 
 class FakeModel:
-    """Records which capsule layer each step ran; its compile may have failed."""
+    """Records which routing each step ran (fast.use_compiled_routing sets `routing`); its compiled
+    routing is a stand-in whose compile may have failed."""
 
     def __init__(self, failed=False):
         self.used = []
-        self.compiled = type("Compiled", (), {"failed": failed})()
+        self.eager_routing = lambda *args: None
+        fast._COMPILED[self] = type("Compiled", (), {"failed": failed})()  # what use_compiled_routing would make
 
-    def use_compile(self, compiled=True):
-        self.used.append("compiled" if compiled else "eager")
+    def routing_to_compile(self):
+        return self.eager_routing
+
+    @property
+    def routing(self):
+        return None
+
+    @routing.setter
+    def routing(self, fn):
+        self.used.append("eager" if fn is self.eager_routing else "compiled")
 
 
 class FakeClock:
@@ -124,7 +134,7 @@ def test_compile_flag_values():
     for argv, value in (([], "auto"), (["--compile"], True), (["--no-compile"], False),
                         (["--compile", "off"], False), (["--compile", "on"], True), (["--compile", "auto"], "auto"),
                         (["--compile", "step"], "step")):
-        assert cn.make_config(parser.parse_args(argv), None)["COMPILE"] == value, argv
+        assert cn.configure(cn.flags_given(parser.parse_args(argv)))[0]["COMPILE"] == value, argv
     done = run_main(["--compile", "sometimes"])
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "must be auto, on, off or step" in lines[0], describe(done)

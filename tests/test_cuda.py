@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SCRIPT, cn, describe, load_pt, read_rows, run_main, small_model, train_args, whole_step_arms
-from capsnet import figures, runtime  # noqa: E402
+from capsnet import fast, figures, runtime  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -105,20 +105,20 @@ def test_a_tiny_run_on_cuda_stops_mid_epoch_resumes_evaluates_and_exports(tiny_m
 
 @needs_cuda
 def test_the_compiled_capsule_layer_on_cuda_equals_eager(digit_batch):
-    """use_compile() on the GPU: the compiled code ran, and v, c and every gradient equal eager's."""
+    """fast.use_compiled_routing() on the GPU: the compiled code ran, and v, c and every gradient equal eager's."""
     from torch._dynamo.utils import counters
 
     x, labels = digit_batch
     x, labels = x.cuda(), labels.cuda()
     eager, compiled = small_model(w_init_std=1.0).cuda().train(), small_model(w_init_std=1.0).cuda().train()
-    compiled.use_compile()
+    fast.use_compiled_routing(compiled)
     counters.clear()
     grads = []
     for model in (eager, compiled):
         v, c = model.capsules(x)
         (v.norm(dim=-1)[torch.arange(len(labels)), labels].sum() + c.square().sum()).backward()
         grads.append((v.detach(), c.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
-    assert not compiled.compiled.failed and counters["stats"]["unique_graphs"] >= 1
+    assert not fast.compiled_routing(compiled).failed and counters["stats"]["unique_graphs"] >= 1
     (v0, c0, g0), (v1, c1, g1) = grads
     torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(c1, c0, rtol=1e-4, atol=1e-5)

@@ -12,11 +12,11 @@ from capsnet import data, runtime  # noqa: E402
 
 
 def load_split(cfg, train):
-    return data.load_split(cfg, train, cn.DATASETS[cfg["DATASET"]])
+    return data.load_split(cfg, train)
 
 
 def nominal_data_settings(cfg):
-    return data.nominal_data_settings(cfg, cn.DATASETS[cfg["DATASET"]])
+    return data.nominal_data_settings(cfg)
 
 
 def write_norb(path, array, magic=0x1E3D4C55, compress=False):
@@ -195,8 +195,8 @@ SHAPES = {"fashion-mnist": (1, 28, 10), "kmnist": (1, 28, 10), "emnist-balanced"
 
 
 def config(name, root, **extra):
-    cfg = cn.default_config()
-    cfg.update(cn.DATASETS[name]["settings"], DATASET=name, DATA_DIR=str(root), **extra)
+    cfg = cn.default_config(DATASET=name, DATA_DIR=str(root))
+    cfg.update(extra)
     return cfg
 
 
@@ -244,9 +244,9 @@ def test_the_model_follows_each_data_set(name):
     capsule count following; MNIST keeps its 8,215,568 parameters."""
     cfg = nominal_data_settings(config(name, "unused"))
     model = cn.build_model(cfg)
-    nominal = {"mnist": (1, 28, 10), "multimnist": (1, 36, 10), "folder": (3, 28, 10)}  # folder: DATASETS' shape
+    nominal = {"mnist": (1, 28, 10), "multimnist": (1, 36, 10), "folder": (3, 28, 10)}  # folder: DATA_SETS' shape
     channels, size, classes = nominal.get(name) or SHAPES[name]
-    settings = cn.DATASETS[name]["settings"]
+    settings = cn.DATASET_SETTINGS[name]
     arch = {"conv1": settings.get("CONV1_CHANNELS", 256), "types": settings.get("PRIMARY_CAPS", 32),
             "pdim": settings.get("PRIMARY_DIM", 8), "ddim": settings.get("DIGIT_DIM", 16)}
     assert (model.in_channels, model.image_size, model.num_classes) == (channels, size, classes)

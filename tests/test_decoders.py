@@ -13,7 +13,7 @@ from conftest import cn, describe, load_pt, read_rows, run_main, small_model, tr
 def test_the_deconv_decoder_has_ethanleets_parameter_counts():
     """250,121 parameters at MNIST's shape (the fully connected one: 1,411,344); 7,054,345 for the
     whole CapsNet with it."""
-    fc, deconv = cn.CapsuleNet(), cn.CapsuleNet(decoder="deconv")
+    fc, deconv = cn.CapsuleNet(), cn.CapsuleNet(cn.CapsNetConfig(decoder="deconv"))
     assert sum(p.numel() for p in fc.decoder.parameters()) == 1_411_344
     assert sum(p.numel() for p in deconv.decoder.parameters()) == 250_121
     assert sum(p.numel() for p in deconv.parameters()) == 7_054_345
@@ -21,7 +21,7 @@ def test_the_deconv_decoder_has_ethanleets_parameter_counts():
 
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 24), (2, 32), (1, 36)])  # MNIST, CIFAR10, smallNORB crops
 def test_the_deconv_decoder_reconstructs_each_data_sets_shape(channels, size):
-    model = small_model(decoder="deconv", in_channels=channels, image_size=size)
+    model = small_model(decoder="deconv", image_channels=channels, image_size=size)
     with torch.no_grad():
         lengths, recon = model(torch.rand(2, channels, size, size))
     assert recon.shape == (2, channels, size, size) and ((recon >= 0) & (recon <= 1)).all()
@@ -30,7 +30,7 @@ def test_the_deconv_decoder_reconstructs_each_data_sets_shape(channels, size):
 def test_images_the_deconv_decoder_cannot_reach_are_one_line():
     cfg = dict(cn.default_config(), DECODER="deconv", IMAGE_SIZE=17, IMAGE_CHANNELS=1, NUM_CLASSES=10)
     with pytest.raises(cn.UsageError, match="--decoder deconv reconstructs 18x18 images and larger, not 17x17"):
-        cn.nominal_data_settings(cfg, cn.DATASETS["mnist"])
+        cn.nominal_data_settings(cfg)
 
 
 def test_conv1_leaky_is_a_leaky_relu_on_conv1_in_every_convolution_path():

@@ -254,7 +254,7 @@ def test_out_of_memory_inside_the_compiled_layer_is_not_a_compile_failure(capsys
 
 def test_out_of_memory_mid_run_is_one_line_with_exit_3_and_the_checkpoint_intact(one_epoch, tmp_path, monkeypatch):
     run = copy_run(one_epoch["dir"], tmp_path / "run")
-    real, calls = cn.capsule_layer, [0]
+    real, calls = cn.factored_routing, [0]
 
     def layer(*args, **kwargs):
         calls[0] += 1
@@ -262,7 +262,7 @@ def test_out_of_memory_mid_run_is_one_line_with_exit_3_and_the_checkpoint_intact
             raise OOM("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total capacity)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cn, "capsule_layer", layer)
+    monkeypatch.setattr(cn, "factored_routing", layer)
     last = os.path.join(run, "last.pt")
     done = run_main(["--resume", last, "--epochs", 2])
     one_line_error(done, 3, "out of memory (OutOfMemoryError) at --batch-size 20, --eval-batch-size 50: lower them")

@@ -107,7 +107,7 @@ def test_build_model_follows_the_config():
     assert model.conv1.out_channels == 16
     assert model.primary.out_channels == 4 * 8
     assert tuple(model.W.shape) == (10, 4 * 36, 12, 8)
-    assert model.routing_iterations == 2
+    assert model.config.routing_iterations == 2
     assert [m.out_features for m in model.decoder if isinstance(m, torch.nn.Linear)] == [32, 64, 784]
     lengths, recon = model(torch.rand(2, 1, 28, 28))
     assert lengths.shape == (2, 10) and recon.shape == (2, 1, 28, 28)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import cn, copy_run, describe, load_pt, make_digits, read_rows, run_main, train_args
+from conftest import cn, copy_run, describe, load_pt, make_digits, model_config, read_rows, run_main, train_args
 from capsnet import data, figures, meters  # noqa: E402
 
 
@@ -114,7 +114,7 @@ def test_the_decoder_runs_once_per_digit_masked_by_that_digits_capsule():
     reconstructions are (B, 2, 1, 36, 36), each the decoder of that digit's capsule alone; without
     labels, the two longest capsules are decoded."""
     torch.manual_seed(0)
-    model = cn.CapsuleNet(16, 4, decoder_hidden=(32, 64), image_size=36).eval()
+    model = cn.CapsuleNet(model_config(conv1_channels=16, primary_caps=4, decoder_hidden=(32, 64), image_size=36)).eval()
     assert model.grid == 10 and model.num_primary == 4 * 10 * 10
     x = torch.rand(3, 1, 36, 36)
     pair = torch.tensor([[1, 7], [0, 3], [9, 2]])
@@ -182,7 +182,7 @@ def test_the_test_loss_compares_each_reconstruction_with_its_own_digit():
     torch.manual_seed(0)
     images, labels = digits(20)
     composites, parts, pair_labels = cn.multimnist_pairs(images, labels, generator=torch.Generator().manual_seed(0))
-    model = cn.CapsuleNet(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), image_size=36).eval()
+    model = cn.CapsuleNet(model_config(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), image_size=36)).eval()
     model.decode = lambda v, classes: (classes.float() / 10)[:, None, None, None].expand(-1, 1, 36, 36)
     step = cn.BatchLoss(model, cn.CapsuleLoss(), torch.device("cpu"), None, 0, False)
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_fig5_tiles_overlay_the_two_reconstructions_in_red_and_green():
     torch.manual_seed(0)
     images, labels = digits(20)
     composites, _, pair_labels = cn.multimnist_pairs(images, labels, generator=torch.Generator().manual_seed(0))
-    model = cn.CapsuleNet(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), image_size=36).eval()
+    model = cn.CapsuleNet(model_config(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), image_size=36)).eval()
     tiles = figures.fig5_tiles(model, composites[:6], pair_labels[:6])
     x = data.to_float_images(composites[:6])
     assert torch.equal(tiles["inputs"], x.repeat(1, 3, 1, 1))
@@ -229,7 +229,7 @@ def test_a_multimnist_run_reports_both_scores(pair_run):
     """--dataset multimnist: exit 0, the data set's settings and the 36x36 model announced, and
     metrics rows with test_accuracy (both digits right) <= test_accuracy_any (at least one)."""
     out = pair_run["process"].stdout
-    assert "data set multimnist (the paper's settings for it): LR_DECAY=0.996, MAX_SHIFT=0" in out
+    assert "data set multimnist (the paper's settings for it): MAX_SHIFT=0, LR_DECAY=0.996" in out
     assert "200 training pairs" in out and "100 fixed test pairs" in out and "10x10 grid of 400 primary" in out
     rows = read_rows(pair_run["dir"])
     assert [r["epoch"] for r in rows] == [1, 2]

@@ -5,8 +5,8 @@ import types
 import pytest
 import torch
 
-from conftest import cn, describe, load_pt, run_main, small_model, train_args
-from capsnet import runtime  # noqa: E402
+from conftest import cn, describe, load_pt, model_config, run_main, small_model, train_args
+from capsnet import fast, runtime  # noqa: E402
 
 
 def reference_routing(u_hat, iterations):
@@ -107,15 +107,15 @@ def test_gradients_flow_through_routing():
 
 @pytest.mark.parametrize("iterations", [1, 2, 3])
 @pytest.mark.parametrize("record", [False, True])
-def test_capsule_layer_equals_routing_on_u_hat(iterations, record):
-    """capsule_layer(W, u) (the factored DigitCaps the model runs) gives the same v, c, recorded
+def test_factored_routing_equals_routing_on_u_hat(iterations, record):
+    """factored_routing(W, u) (the factored DigitCaps the model runs) gives the same v, c, recorded
     logit changes and gradients as dynamic_routing on u_hat_j|i = W_ij u_i."""
     g = torch.Generator().manual_seed(iterations)
     J, I, E, D, B = 10, 4 * 36, 16, 8, 3
     W = (0.3 * torch.randn(J, I, E, D, generator=g, dtype=torch.float64)).requires_grad_(True)
     u = cn.squash(torch.randn(B, I, D, generator=g, dtype=torch.float64)).requires_grad_(True)
 
-    v, c, changes = cn.capsule_layer(W, u, iterations, record)
+    v, c, changes = cn.factored_routing(W, u, iterations, record)
     ref_changes = [] if record else None
     u_hat = torch.einsum("jied,bid->bije", W, u)  # (B, I, J, E)
     v_ref, c_ref = cn.dynamic_routing(u_hat, iterations, ref_changes)
@@ -138,12 +138,12 @@ def test_capsule_layer_equals_routing_on_u_hat(iterations, record):
 @pytest.mark.parametrize("children_last", [False, True])
 def test_routing_as_written_equals_the_factored_layer(leaky, children_last):
     """ROUTING_IMPL reference (routing_as_written: u_hat built, then dynamic_routing) and the default
-    factored capsule_layer give the same v, c, logit changes and gradients (fp64), leaky or not."""
+    factored_routing give the same v, c, logit changes and gradients (fp64), leaky or not."""
     g = torch.Generator().manual_seed(7)
     J, I, E, D, B = 10, 4 * 36, 16, 8, 3
     W = (0.3 * torch.randn(J, I, E, D, generator=g, dtype=torch.float64)).requires_grad_(True)
     u = cn.squash(torch.randn(B, I, D, generator=g, dtype=torch.float64)).requires_grad_(True)
-    fast = cn.capsule_layer(W, u, 3, True, children_last=children_last, leaky=leaky)
+    fast = cn.factored_routing(W, u, 3, True, children_last=children_last, leaky=leaky)
     reference = cn.routing_as_written(W, u, 3, True, leaky=leaky)
     for got, want in zip(fast, reference):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
@@ -182,10 +182,10 @@ def test_the_model_runs_the_routing_it_is_built_with(impl, monkeypatch):
     """CapsuleNet(routing_impl=...) calls that routing: a change to dynamic_routing shows in the
     reference model's output only; both give the same output unchanged."""
     torch.manual_seed(0)
-    kw = dict(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), cpu_malloc_tuning=False)
-    model = cn.CapsuleNet(routing_impl=impl, **kw).eval()
+    kw = dict(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32))
+    model = cn.CapsuleNet(model_config(routing_impl=impl, **kw)).eval()
     torch.manual_seed(0)
-    other = cn.CapsuleNet(routing_impl="reference" if impl == "factored" else "factored", **kw).eval()
+    other = cn.CapsuleNet(model_config(routing_impl="reference" if impl == "factored" else "factored", **kw)).eval()
     x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model.capsules(x)[0], other.capsules(x)[0], rtol=1e-5, atol=1e-6)
@@ -197,7 +197,8 @@ def test_the_model_runs_the_routing_it_is_built_with(impl, monkeypatch):
 def test_the_model_routes_leakily_when_asked():
     """CapsuleNet(routing_leaky=True): the couplings of an image sum to less than 1 per child."""
     torch.manual_seed(0)
-    model = cn.CapsuleNet(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32), routing_leaky=True).eval()
+    model = cn.CapsuleNet(model_config(conv1_channels=8, primary_caps=2, decoder_hidden=(16, 32),
+                                       routing_leaky=True)).eval()
     with torch.no_grad():
         _, c = model.capsules(torch.rand(2, 1, 28, 28))
     assert (c.sum(-1) < 1 - 1e-6).all()
@@ -205,7 +206,7 @@ def test_the_model_routes_leakily_when_asked():
 
 @pytest.mark.parametrize("children_last", [False, True])
 def test_bf16_products_keep_the_routing_to_bf16_precision(children_last):
-    """ROUTING_BF16, capsule_layer(product_dtype=torch.bfloat16): the three matrix products read
+    """ROUTING_BF16, factored_routing(product_dtype=torch.bfloat16): the three matrix products read
     bf16, the rest stays fp32. v, c, the logit changes and both gradients come out fp32, within
     bf16's precision of the exact routing (fp64), and more than 10x further from it than the fp32
     layer (so the products do run in bf16)."""
@@ -217,7 +218,7 @@ def test_bf16_products_keep_the_routing_to_bf16_precision(children_last):
 
     def run(dtype, product_dtype=None):
         W, u = W64.to(dtype).requires_grad_(), u64.to(dtype).requires_grad_()
-        v, c, changes = cn.capsule_layer(W, u, 3, True, children_last=children_last, product_dtype=product_dtype)
+        v, c, changes = cn.factored_routing(W, u, 3, True, children_last=children_last, product_dtype=product_dtype)
         grads = torch.autograd.grad((v * probe.to(dtype)).sum() + (c ** 2).sum(), (W, u))
         return v, c, changes, *grads
 
@@ -230,7 +231,7 @@ def test_bf16_products_keep_the_routing_to_bf16_precision(children_last):
 
 
 def test_the_model_routes_in_bf16_when_asked():
-    """CapsuleNet(routing_bf16=True) runs capsule_layer with bf16 products, eager and compiled (its
+    """CapsuleNet(routing_bf16=True) runs factored_routing with bf16 products, eager and compiled (its
     layout for compiled code); its capsules stay fp32, near the fp32 model's with the same weights.
     With the routing as written (ROUTING_IMPL reference) it is a ValueError."""
     plain, low = small_model(), small_model(routing_bf16=True)
@@ -241,11 +242,12 @@ def test_the_model_routes_in_bf16_when_asked():
     assert v16.dtype == c16.dtype == torch.float32 and not torch.equal(v16, v)
     torch.testing.assert_close(v16, v, rtol=3e-2, atol=2e-3)
     torch.testing.assert_close(c16, c, rtol=3e-2, atol=2e-3)
-    low.use_compile(True)
-    layer = low.compiled.eager
-    assert layer.func is cn.capsule_layer and layer.keywords == {"product_dtype": torch.bfloat16, "children_last": True}
-    plain.use_compile(True)
-    assert plain.compiled.eager.keywords == {"children_last": True}
+    fast.use_compiled_routing(low)
+    layer = fast.compiled_routing(low).eager
+    assert layer.func is cn.factored_routing
+    assert layer.keywords == {"product_dtype": torch.bfloat16, "children_last": True}
+    fast.use_compiled_routing(plain)
+    assert fast.compiled_routing(plain).eager.keywords == {"children_last": True}
     with pytest.raises(ValueError, match="ROUTING_BF16"):
         small_model(routing_impl="reference", routing_bf16=True)
 
@@ -263,6 +265,6 @@ def test_routing_bf16_flag_shows_in_the_model_line_and_stays_on_when_resumed(tin
     parser = cn.build_parser()
     for argv in (["--routing-bf16", "--routing-impl", "reference"], ["--routing-bf16", "--model", "efficient-capsnet"]):
         with pytest.raises(runtime.UsageError, match="--routing-bf16 is an option of the paper's CapsNet"):
-            cn.make_config(parser.parse_args(argv), None)
+            cn.configure(cn.flags_given(parser.parse_args(argv)))
     data = types.SimpleNamespace(name="mnist", describe=lambda: "", channels=1, image_size=28)
     assert "routing products" not in cn.model_line(small_model(), "cpu", "fp32", data)

@@ -33,7 +33,7 @@ def test_it_loads_into_the_model_built_from_it_and_evaluates_random_images(shipp
     images to lengths in [0, 1) and reconstructions in [0, 1]."""
     cfg = dict(cn.default_config(), **shipped["config"])
     if not cfg["IMAGE_SIZE"]:  # weights exported before the data's shape was saved with them
-        data.nominal_data_settings(cfg, cn.DATASETS[cfg["DATASET"]])
+        data.nominal_data_settings(cfg)
     model = cn.build_model(cfg)
     runtime.load_weights(model, shipped["model"])
     assert sum(p.numel() for p in model.parameters()) == 8_215_728

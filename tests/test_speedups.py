@@ -47,11 +47,11 @@ def model_grads(model, x, labels):
 
 
 def assert_bf16_grads_agree(model, x, labels, switch, tolerance):
-    """Under CPU bf16 autocast the gradients with model.<switch> on are finite and within
+    """Under CPU bf16 autocast the gradients with model.conv_path.<switch> on are finite and within
     `tolerance` (relative error of the whole tensor) of those with it off."""
     grads = {}
     for on in (False, True):
-        setattr(model, switch, on)
+        setattr(model.conv_path, switch, on)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             grads[on] = model_grads(model, x, labels)
     for name in ("primary.weight", "primary.bias", "conv1.weight", "W"):
@@ -63,9 +63,9 @@ def test_model_with_gemm_weight_gradient_trains_the_same(digit_batch):
     """A CapsuleNet with gemm_weight_grad on gets the same gradients as with it off (fp32)."""
     model = small_model(w_init_std=0.5, dft_conv=False).train()
     x, labels = digit_batch
-    model.gemm_weight_grad = False
+    model.conv_path.gemm = False
     ref = model_grads(model, x, labels)
-    model.gemm_weight_grad = True
+    model.conv_path.gemm = True
     got = model_grads(model, x, labels)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -76,15 +76,16 @@ def test_gemm_weight_gradient_under_bf16_autocast(digit_batch):
     path to bf16 precision (relative error of the whole tensor below 2%)."""
     model = small_model(w_init_std=0.5, dft_conv=False).train()
     x, labels = digit_batch
-    assert_bf16_grads_agree(model, x, labels, "gemm_weight_grad", 0.02)
+    assert_bf16_grads_agree(model, x, labels, "gemm", 0.02)
 
 
 def test_build_model_takes_the_gemm_gradient_setting_from_the_config():
-    """CPU_GEMM_WEIGHT_GRAD (a flag) reaches the model through build_model, and model_to_device keeps it."""
+    """CPU_GEMM_WEIGHT_GRAD (a flag) reaches the model's conv path through build_model, and
+    model_to_device keeps it."""
     cfg = dict(cn.default_config(), COMPILE=False, CONV1_CHANNELS=16, PRIMARY_CAPS=4)
-    assert cn.model_to_device(cn.build_model(cfg), cfg, torch.device("cpu")).gemm_weight_grad is True
+    assert cn.model_to_device(cn.build_model(cfg), cfg, torch.device("cpu")).conv_path.gemm is True
     cfg["CPU_GEMM_WEIGHT_GRAD"] = False
-    assert cn.model_to_device(cn.build_model(cfg), cfg, torch.device("cpu")).gemm_weight_grad is False
+    assert cn.model_to_device(cn.build_model(cfg), cfg, torch.device("cpu")).conv_path.gemm is False
 
 
 
@@ -144,10 +145,10 @@ def test_model_with_dft_convolution_trains_the_same(digit_batch):
     direct convolution (fp32), and close ones under bf16 autocast."""
     x, labels = digit_batch
     model = small_model(w_init_std=0.5).train()
-    assert model.dft_conv is True  # the default (CPU_DFT_CONV)
+    assert model.conv_path.dft is True  # the default (CPU_DFT_CONV)
     results = {}
     for dft in (True, False):
-        model.dft_conv = dft
+        model.conv_path.dft = dft
         with torch.no_grad():
             lengths, recon = model(x, labels)
         results[dft] = lengths, recon, model_grads(model, x, labels)
@@ -155,7 +156,7 @@ def test_model_with_dft_convolution_trains_the_same(digit_batch):
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
     for name, grad in results[False][2].items():
         torch.testing.assert_close(results[True][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert_bf16_grads_agree(model, x, labels, "dft_conv", 0.03)
+    assert_bf16_grads_agree(model, x, labels, "dft", 0.03)
 
 
 def cpu_fused_adam():
@@ -184,36 +185,36 @@ def test_evaluation_keeps_the_weight_transform_until_the_weights_change(digit_ba
             torch.testing.assert_close(model(x)[0], direct(x)[0], rtol=1e-4, atol=1e-6)
 
     agree()
-    kept = model._weight_f[3]
+    kept = model.conv_path.cached[3]
     with torch.no_grad():
         model(x)
-    assert model._weight_f[3] is kept
+    assert model.conv_path.cached[3] is kept
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=fused)
     lengths, recon = model.train()(x, labels)
     cn.CapsuleLoss()(x, labels, lengths, recon).backward()
     optimizer.step()
     model.eval()
     agree()
-    assert model._weight_f[3] is not kept
+    assert model.conv_path.cached[3] is not kept
     model.load_state_dict(small_model(seed=3, w_init_std=0.5).state_dict())
     agree()
 
 
 def test_build_model_takes_the_dft_setting_from_the_config():
-    """CPU_DFT_CONV (a flag) reaches the model through build_model."""
+    """CPU_DFT_CONV (a flag) reaches the model's conv path through build_model."""
     cfg = dict(cn.default_config(), COMPILE=False, CONV1_CHANNELS=16, PRIMARY_CAPS=4)
-    assert cn.build_model(cfg).dft_conv is True
+    assert cn.build_model(cfg).conv_path.dft is True
     cfg["CPU_DFT_CONV"] = False
-    assert cn.build_model(cfg).dft_conv is False
+    assert cn.build_model(cfg).conv_path.dft is False
 
-def test_compiled_capsule_layer_equals_eager(digit_batch):
-    """use_compile(): v, c, the recorded routing-logit changes and every parameter's gradient equal
+def test_compiled_routing_equals_eager(digit_batch):
+    """fast.use_compiled_routing(): v, c, the recorded routing-logit changes and every parameter's gradient equal
     the eager ones; the compiled code ran (dynamo made a graph, nothing fell back to eager)."""
     from torch._dynamo.utils import counters
 
     x, labels = digit_batch
     eager, compiled = small_model(w_init_std=1.0).train(), small_model(w_init_std=1.0).train()
-    compiled.use_compile()
+    fast.use_compiled_routing(compiled)
     counters.clear()
     outputs = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
@@ -224,7 +225,7 @@ def test_compiled_capsule_layer_equals_eager(digit_batch):
         (lengths[torch.arange(len(labels)), labels].sum() + c.square().sum()).backward()
         outputs[name] = (v.detach(), c.detach(), model.logit_changes[0],
                          {k: p.grad for k, p in model.named_parameters() if p.grad is not None})
-    assert not compiled.compiled.failed and counters["stats"]["unique_graphs"] >= 1
+    assert not fast.compiled_routing(compiled).failed and counters["stats"]["unique_graphs"] >= 1
     (v0, c0, changes0, grads0), (v1, c1, changes1, grads1) = outputs["eager"], outputs["compiled"]
     torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
@@ -240,7 +241,7 @@ import resource, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 import capsule_network as cn
-from capsnet import runtime
+from capsnet import fast, runtime
 
 def faults_per_big_tensor():
     # allocate, touch and free a 64 MB tensor: glibc's default gives it back to the OS each time
@@ -251,7 +252,8 @@ def faults_per_big_tensor():
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
 
 imported = faults_per_big_tensor()
-model = cn.CapsuleNet(16, 4, decoder_hidden=(32, 64), cpu_malloc_tuning=sys.argv[2] == "on")
+config = cn.CapsNetConfig(conv1_channels=16, primary_caps=4, decoder_hidden1=32, decoder_hidden2=64)
+model = fast.use_cpu_speedups(cn.CapsuleNet(config), malloc_tuning=sys.argv[2] == "on")
 with torch.no_grad():
     model(torch.rand(2, 1, 28, 28))
 print(imported, faults_per_big_tensor(), runtime._malloc_tuned)
@@ -260,8 +262,8 @@ print(imported, faults_per_big_tensor(), runtime._malloc_tuned)
 
 @pytest.mark.parametrize("setting", ["on", "off"])
 def test_capsule_net_keeps_big_buffers_mapped_on_its_first_cpu_forward(setting):
-    """Importing the module changes nothing; CapsuleNet's first CPU forward calls
-    tune_cpu_malloc() (so direct users get the speed too) unless cpu_malloc_tuning=False."""
+    """Importing the module changes nothing; with fast.use_cpu_speedups a CapsuleNet's first CPU
+    forward calls tune_cpu_malloc() (so direct users get the speed too) unless malloc_tuning=False."""
     import subprocess
     import sys
     from conftest import ROOT

@@ -1,0 +1,142 @@
+"""The script's other modes and its start-up lines: --eval-only (one model or an ensemble),
+--visualize, --predict and --export-weights, each from a checkpoint; the model line printed when
+training starts. The script hands in what it defines (build_model, its BatchLoss): nothing here
+imports capsule_network.py."""
+
+import json
+import os
+import time
+
+import torch
+
+from capsnet.config import MODEL_KEYS
+from capsnet.data import DATA_SETS, load_data, read_images_as_data, to_float_images
+from capsnet.efficient import EfficientBody
+from capsnet.figures import write_figures, write_predictions
+from capsnet.meters import PassStats, meter_values, pass_meters, print_evaluation
+from capsnet.fast import model_to_device
+from capsnet.runtime import UsageError, amp_dtype, atomic_torch_save, load_weights, setup_process, sync
+
+
+def authors_choices(cfg):
+    """Which of the authors' code's departures from the paper's text are on (PRESETS["authors"])."""
+    on = {"INIT": cfg["INIT"] == "authors", "PRIMARY_SCALE": cfg["PRIMARY_SCALE"] != 1,
+          "DIGIT_CAPS_BIAS": cfg["DIGIT_CAPS_BIAS"], "MARGIN_REDUCTION": cfg["MARGIN_REDUCTION"] != "sum"}
+    return [f"{k}={cfg[k]}" for k, v in on.items() if v]
+
+
+def model_line(model, device, amp, data, cfg=None):
+    """The start-up line: the model, the device, the arithmetic and why (amp_choice's text), the data,
+    and the authors' choices that are on."""
+    choices = authors_choices(cfg) if cfg is not None else []
+    name = "Efficient-CapsNet" if isinstance(model, EfficientBody) else "CapsNet"
+    if model.config.routing_bf16:
+        amp += "; routing products in bf16 (ROUTING_BF16)"
+    return (f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters on {device} "
+            f"({amp}); {data.name}: {data.describe()}, "
+            f"{data.channels}x{data.image_size}x{data.image_size} input, {model.grid}x{model.grid} grid of "
+            f"{model.num_primary:,} primary capsules, {model.num_classes} classes"
+            + (f"; the authors' code's {', '.join(choices)}" if choices else ""))
+
+
+def run_eval(cfg, ckpt, others, build_model, eval_step):
+    """--eval-only: the test set through the checkpoint's model; with `others` (more checkpoints
+    of the same data set and classes), also their ensemble: the capsule lengths averaged over the
+    models before the argmax (the paper's CIFAR10 ensemble; the authors' code sums them).
+    eval_step(model, cfg, device, dtype): the script's BatchLoss for the test pass."""
+    device, _ = setup_process(cfg)
+    data = load_data(cfg, device, train=False)
+    dtype = amp_dtype(device, cfg["AMP"])
+    members = [(cfg, ckpt)] + [(member_config(cfg, other), other) for other in others]
+    steppers = []
+    for member_cfg, member in members:
+        model = model_to_device(build_model(member_cfg), member_cfg, device)
+        load_weights(model, member["model"])
+        model.eval()
+        steppers.append(eval_step(model, member_cfg, device, dtype))
+    stats = [PassStats(device) for _ in range(len(members) + (len(members) > 1))]
+    started = time.perf_counter()
+    with torch.no_grad():
+        for sample in data.test:
+            outputs = [step(sample) for step in steppers]
+            for (loss, lengths), st in zip(outputs, stats):
+                st.add(loss, lengths, sample[1])
+            if len(members) > 1:
+                mean = torch.stack([lengths for _, lengths in outputs]).mean(0)
+                stats[-1].add(torch.stack([loss for loss, _ in outputs]).mean(), mean, sample[1])
+    sync(device)
+    seconds = time.perf_counter() - started
+    results = []
+    for k, st in enumerate(stats):
+        meters = pass_meters(cfg["NUM_CLASSES"], data.objects)
+        st.feed(meters)
+        values = meter_values(meters)
+        name = "ensemble" if k == len(members) else f"model {k + 1}"
+        result = {"dataset": data.name, "test_accuracy": values["accuracy"], "test_loss": values["loss"],
+                  "test_images": data.test.rows, "seconds": round(seconds, 3), "device": str(device),
+                  "dtype": "bf16" if dtype else "fp32",
+                  "checkpoint_epoch": None if name == "ensemble" else members[k][1].get("epoch")}
+        if "accuracy_any" in values:
+            result["test_accuracy_any"] = values["accuracy_any"]
+        result["confusion"] = meters["confusion"].value().tolist()
+        results.append(result)
+        if len(members) > 1:
+            what = "the mean of their capsule lengths" if name == "ensemble" else members[k][1].get("path", "")
+            print(f"{name} ({what}): test accuracy {result['test_accuracy']:.2f}%"
+                  + ("" if name == "ensemble" else f"  test loss {result['test_loss']:.4f}"))
+    result = results[-1]
+    print_evaluation(result, data.name, data.objects, len(members), seconds)
+    os.makedirs(cfg["RUN_DIR"], exist_ok=True)
+    with open(os.path.join(cfg["RUN_DIR"], "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(result if len(members) == 1 else dict(result, members=results[:-1]), f, indent=1)
+    return result
+
+
+def member_config(cfg, ckpt):
+    """The constants of another checkpoint of an ensemble: its model's, cfg's data (which must agree)."""
+    member = dict(cfg)
+    member.update({k: v for k, v in ckpt.get("config", {}).items() if k in MODEL_KEYS})
+    for key in ("DATASET", "NUM_CLASSES", "IMAGE_CHANNELS", "IMAGE_SIZE", "CROP_SIZE"):
+        if member[key] not in (cfg[key], 0):
+            raise UsageError(f"--resume {ckpt.get('path')}: an ensemble needs one data set and shape, but its "
+                             f"{key} is {member[key]!r}, the first model's {cfg[key]!r}")
+        member[key] = cfg[key]
+    return member
+
+
+def run_visualize(cfg, ckpt, build_model):
+    """--visualize: the figures of the checkpoint's model and of its run's metrics (write_figures)."""
+    device, _ = setup_process(cfg)
+    data = load_data(cfg, device, train=False)
+    model = build_model(cfg).to(device)
+    load_weights(model, ckpt["model"])
+    written = write_figures(model, data, cfg, cfg["RUN_DIR"])
+    print("wrote " + ", ".join(written))
+    return written
+
+
+def run_predict(cfg, ckpt, paths, build_model):
+    """--predict: each image file converted as the model's data was (channels, size, the central
+    crop; for the MNIST-like data sets a dark digit on a light background is inverted, and the
+    output says so) -> the predicted class and every class's capsule length, printed, in
+    RUN_DIR/predictions.json, and RUN_DIR/predict_<name>.png: the input beside its reconstruction
+    (figures.write_predictions). Every file is read before anything is written."""
+    device, _ = setup_process(cfg)
+    model = build_model(cfg).to(device)
+    load_weights(model, ckpt["model"])
+    model.eval()
+    dark_on_light = DATA_SETS[cfg["DATASET"]]["reader"] in ("MNIST", "FashionMNIST", "KMNIST", "EMNIST")
+    inputs, inverted = read_images_as_data(paths, cfg["IMAGE_SIZE"], cfg["IMAGE_CHANNELS"], dark_on_light)
+    images = to_float_images(inputs.to(device), cfg["CROP_SIZE"])
+    with torch.no_grad():
+        lengths, recon = model(images)
+    names = cfg["CLASS_NAMES"] or [str(k) for k in range(cfg["NUM_CLASSES"])]
+    return write_predictions(paths, images, recon, lengths, names, inverted, cfg["RUN_DIR"])
+
+
+def export_weights(ckpt, cfg, path):
+    """The model weights alone, in fp16, with the constants that define the model (no paths)."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    atomic_torch_save({"model": state, "config": {k: cfg[k] for k in MODEL_KEYS}, "epoch": ckpt.get("epoch")},
+                      path)
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, fp16 weights)")
