@@ -282,8 +282,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     model = cn.model_to_device(cn.build_model(cfg), cfg, device)
     optimizer = cn.build_optimizer(model, cfg)
     dtype = runtime.amp_dtype(device, cfg["AMP"])
-    network = cn.BatchLoss(model, cn.build_loss(cfg), device, dtype, cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
-                         crop=cfg["CROP_SIZE"], flip=cfg["FLIP"], augment=cfg["AUGMENT"], distort=cfg["DISTORT"])
+    network = cn.BatchLoss.for_run(model, cfg, device)
     batch = data_batch(cfg, cfg["BATCH_SIZE"], device)
     eval_batch = data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)
 
@@ -353,6 +352,17 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
           f"{cfg['EVAL_BATCH_SIZE']}), median of {cfg['BENCHMARK_STEPS']} steps after {cfg['BENCHMARK_WARMUP']} "
           f"warm-up, programs alternating in {cfg['BENCHMARK_ROUNDS']} rounds, torch {torch.__version__}")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in result["settings"].items()))
+    report_rates(result, rates, workers, peaks, cfg["DATASET"], compile_vs_eager)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def report_rates(result, rates, workers, peaks, dataset, compile_vs_eager):
+    """Each program's images/s, this model's epoch time and the speed-ups, printed and added to
+    `result` (rates: {program: (train, eval) images/s}; workers: the programs in processes of
+    their own, with their peak memory in `peaks`)."""
     labels = {"this": ("this model", ""), "compiled": ("compiled", "this model, compiled capsule layer"),
               "eager": ("eager", "this model, eager capsule layer"),
               "step": ("whole step", "this model, the whole training step compiled"),
@@ -372,7 +382,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         else:
             result[f"{prefix}seconds_per_mnist_epoch"] = round(60000 / train_ips + 10000 / eval_ips, 1)
             print(line + f"~{60000 / train_ips + 10000 / eval_ips:.1f} s per 60k training and 10k test "
-                         f"{'pairs' if cfg['DATASET'] == 'multimnist' else 'images'}"
+                         f"{'pairs' if dataset == 'multimnist' else 'images'}"
                   + (f", peak memory {result['peak_memory_mib']:.0f} MiB" if kind == "this" else
                      f" ({labels[kind][1]})"))
     if compile_vs_eager:
@@ -391,10 +401,7 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
                 print(f"{'speed-up:' if kind in ('this', 'compiled') else '':12s} train "
                       f"{rates[kind][0] / base_train:.2f}x   eval {rates[kind][1] / base_eval:.2f}x   "
                       f"({labels[kind][0]} / baseline)")
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-    return result
+
 
 
 # ---- main ----

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 # support code (capsnet/); multimnist_pairs and two_digit_scores are imported for users' scripts
 from capsnet.cli import OneLineParser, add_constant_flags, constants_table
-from capsnet.config import MODEL_KEYS, make_config, settings_lines
+from capsnet.config import DATA_DECIDED, MODEL_KEYS, make_config, settings_lines
 from capsnet.data import (input_size, load_data, multimnist_pairs, nominal_data_settings,  # noqa: F401
                           random_brightness_contrast, random_crop_flip, random_shift, smallest_input, standardize,
                           to_float_images)
@@ -57,12 +57,12 @@ from capsnet.decoders import DeconvDecoder
 from capsnet.efficient import EfficientBody, efficient_augment
 from capsnet.fast import CompileChoice, WholeStep, model_to_device, use_cpu_speedups
 from capsnet.figures import epoch_views
-from capsnet.meters import (PassStats, epoch_row, matched_predictions, pass_meters, print_epoch,  # noqa: F401
-                            two_digit_scores)
-from capsnet.modes import authors_choices, export_weights, model_line, run_eval, run_predict, run_visualize  # noqa: F401
-from capsnet.runtime import (Distributed, NonFiniteLoss, Preempted, RunRecord, UsageError, amp_choice, amp_dtype,
-                             autocast, fresh_run_dir, how_it_ended, load_checkpoint, load_weights, resume_into,
-                             rng_state, set_rng_state, setup_process, stop_signals, sync, truncate_metrics, wrap_ddp)
+from capsnet.meters import PassMeters, epoch_row, matched_predictions, print_epoch, routing_changes, two_digit_scores  # noqa: F401,E501
+from capsnet.modes import (add_mode_flags, authors_choices, export_weights, model_line, resolve_resume,  # noqa: F401
+                           run_eval, run_predict, run_visualize)
+from capsnet.runtime import (Distributed, RunRecord, UsageError, amp_choice, amp_dtype, autocast, choose_run_dir,
+                             how_it_ended, load_checkpoint, prepare_run_dir, resume_training, rng_state,
+                             setup_process, step_schedule, stop_signals, sync, truncate_metrics, wrap_ddp)
 from capsnet.visdom_plots import LiveProgress, VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
@@ -119,7 +119,7 @@ EPOCHS: int = 50  # total training epochs (a resumed run continues up to this nu
 BATCH_SIZE: int = 100  # training batch size (the paper does not give one; 100 is the common choice)
 EVAL_BATCH_SIZE: int = 100  # test batch size (on the 2-core CPU, 100 evaluated faster than 250 or 500)
 LR: float = 1e-3  # Adam learning rate (paper: TensorFlow's Adam defaults)
-LR_DECAY: float = None  # exponential decay of the learning rate per epoch; None = the data set's (0.96; multimnist 0.996; lr_decay_note below)
+LR_DECAY: float = None  # exponential decay of the learning rate per epoch; None = the data set's (0.96; multimnist 0.996; docs/datasets.md says why)
 LR_MIN: float = 0.0  # the learning rate decays no lower than this (Efficient-CapsNet's code: 5e-5)
 # speed: the same mathematics, computed faster (results/README.md)
 AMP: bool = True  # bf16 autocast for the convolutions and decoder where the device supports bf16
@@ -142,22 +142,17 @@ VISDOM_ENV: str = "capsnet"  # Visdom environment the plots go to
 # Named recipes: --preset NAME sets these constants (printed at start, saved in the checkpoint);
 # any flag given explicitly still wins. The paper's architecture and routing in all of them.
 PRESETS = {
-    # A complete, annealed MNIST run that ends in about 2 to 2.5 hours on a 2-core CPU (about
-    # 4.2 minutes an epoch): 30 epochs, the learning rate x0.88 per epoch, so the last epoch
-    # trains at 2.5% of it. The defaults (50 epochs at x0.96, 13% at the end) take 3.5 hours there.
-    # Chosen from the 10-epoch curve in results/ (the test accuracy still moved by +-0.1 point
-    # between epochs at 69% of the rate) and from XifengGuo's x0.9 per epoch over 50 epochs.
+    # A complete, annealed MNIST run of about 2 to 2.5 hours on a 2-core CPU (4.2 minutes an epoch
+    # in bf16): the last of 30 epochs trains at 2.5% of LR. Chosen from the 10-epoch curve in
+    # results/ (the accuracy still moved by +-0.1 point at 69% of LR) and XifengGuo's x0.9 per epoch.
     "mnist-2h": {"EPOCHS": 30, "LR_DECAY": 0.88},
-    # The model and loss of the authors' released code where it differs from the paper's text
-    # (Sarasra/models, research/capsules: layers.py, capsule_model.py, variables.py): their margin
-    # loss is 0.5 x the mean over classes (so reconstruction weighs 20x more against it with 10
-    # classes), DigitCaps adds a bias to s_j, PrimaryCaps is a one-iteration routing over the 32
-    # types with zero logits (the convolution x 1/32, plus a bias), and truncated-normal weights
-    # with biases of 0.1. Training stays as set: combine with a schedule, --preset mnist-2h,authors.
+    # The authors' released code where it differs from the paper's text (Sarasra/models,
+    # research/capsules): margin loss 0.5 x the mean over classes, a DigitCaps bias, PrimaryCaps as
+    # one routing pass over the 32 types (x 1/32), truncated-normal weights and biases of 0.1.
+    # Training stays as set: combine with a schedule, --preset mnist-2h,authors.
     "authors": {"MARGIN_REDUCTION": "half-mean", "DIGIT_CAPS_BIAS": True, "PRIMARY_SCALE": 1 / 32, "INIT": "authors"},
-    # A complete, annealed CIFAR-10 run that ends in about 3 hours on a 2-core CPU in fp32: a batch
-    # of 128 (the authors' code) took 0.85 s there, about 6 minutes an epoch with the test pass;
-    # x0.9 per epoch ends the 30th at 4.7% of LR. Use with the data set's settings (--dataset cifar10).
+    # A complete CIFAR-10 run of about 3 hours on a 2-core CPU in fp32 (a batch of 128, the authors'
+    # size, took 0.85 s there): the 30th epoch trains at 4.7% of LR. With --dataset cifar10.
     "cifar10-3h": {"EPOCHS": 30, "LR_DECAY": 0.9, "BATCH_SIZE": 128},
     # Efficient-CapsNet's MNIST recipe (EscVM/Efficient-CapsNet config.json, utils/tools.py): Adam at
     # 5e-4, x0.97 per epoch down to 5e-5, batch 16, 150 epochs, their augmentation instead of the shift
@@ -167,9 +162,8 @@ PRESETS = {
 
 
 # The paper's settings for each data set: what a constant written None above takes, from the data
-# set's own row, else from "default" (the paper's MNIST set-up, sec. 4 and 5). A value written
-# above, a preset or a flag is never replaced; the start-up line lists the values a row gave.
-# What each data set is (its reader, shape, objects per image) lives in capsnet/data.py, DATA_SETS.
+# set's row, else from "default" (the paper's MNIST set-up, sec. 4 and 5); the start-up line lists
+# them. Each data set's reader and shape: capsnet/data.py, DATA_SETS.
 DATASET_SETTINGS = {
     "default": {"IMAGE_SIZE": 0, "CONV1_CHANNELS": 256, "PRIMARY_CAPS": 32, "PRIMARY_DIM": 8, "DIGIT_DIM": 16, "ROUTING_LEAKY": False,
                 "MAX_SHIFT": 2, "CROP_SIZE": 0, "FLIP": False, "DISTORT": False, "STANDARDIZE": False,
@@ -196,9 +190,6 @@ DATASET_SETTINGS = {
     "multimnist": {"LR_DECAY": 0.996, "MAX_SHIFT": 0},
 }
 
-# lr_decay_note: the paper says only "exponentially decaying learning rate"; the authors' code
-# takes x0.96 every 2000 steps (about x0.988 per epoch at batch 100), which barely anneals 50
-# epochs; x0.96 per epoch ends them at 13% of LR, stable enough to report the final epoch.
 
 
 # ---- model: squash (eq. 1), routing (Procedure 1), CapsuleNet (Fig. 1 and 2) ----
@@ -225,12 +216,9 @@ def dynamic_routing(u_hat, iterations, logit_changes=None, leaky=False, bias=Non
 
     b_ij starts at 0 for every example; c_i = softmax over the parents j, so sum_j c_ij = 1
     (less than 1 with `leaky`, see parent_softmax). `bias` (J, E), the authors' code's DigitCaps
-    bias (DIGIT_CAPS_BIAS; not in the paper), is added to every s_j before the squash.
-    If `logit_changes` is a list, the mean |change of b_ij| of every iteration is appended to it
-    (detached tensors; Appendix A's measure), including the last, unused, update.
-    ROUTING_IMPL = "reference" trains with this function (through routing_as_written); the default
-    runs the same computation factored (factored_routing), tested equal to it.
-    """
+    bias (DIGIT_CAPS_BIAS; not in the paper), is added to every s_j before the squash. If
+    `logit_changes` is a list, the mean |change of b_ij| of every iteration, the last, unused, one
+    included (Appendix A's measure), is appended to it. ROUTING_IMPL reference trains this."""
     b = u_hat.new_zeros(u_hat.shape[:3])  # (B, I, J)
     for r in range(iterations):
         c = parent_softmax(b, 2, leaky)  # (B, I, J), softmax over parents j
@@ -271,10 +259,8 @@ def factored_routing(W, u, iterations, record, children_last=False, leaky=False,
     In the first iteration c_ij = 1/J for all i, j (1/(J+1) with `leaky`, see parent_softmax), so s
     is a single GEMM of u with all of W.
 
-    `children_last` orders k as (d, i) instead of (i, d), so that the element-wise work runs along
-    the 1152 children rather than the 8 capsule dimensions: the layout the compiled version uses
-    (inductor's loops then fill whole vector registers; results/README.md), while eager
-    broadcasting is faster with (i, d)."""
+    `children_last` orders k as (d, i) instead of (i, d): the element-wise work then runs along the
+    1152 children (the layout compiled code runs fastest; eager broadcasting prefers (i, d))."""
     J, I, E, D = W.shape
     B = u.shape[0]
     if children_last:
@@ -318,7 +304,7 @@ def make_decoder(kind, inputs, hidden, channels, size, batch_norm=False):
         return DeconvDecoder(inputs, channels, size, batch_norm)
 
     def hidden_layer(n_in, n_out):
-        return [nn.Linear(n_in, n_out)] + [nn.BatchNorm1d(n_out)] * batch_norm + [nn.ReLU(inplace=True)]
+        return [nn.Linear(n_in, n_out), *([nn.BatchNorm1d(n_out)] if batch_norm else []), nn.ReLU(inplace=True)]
     return nn.Sequential(*hidden_layer(inputs, hidden[0]), *hidden_layer(hidden[0], hidden[1]),
                          nn.Linear(hidden[1], channels * size * size), nn.Sigmoid())
 
@@ -391,7 +377,7 @@ class CapsuleNet(nn.Module):
         # the authors' code adds a bias to s_j, starting at 0.1 (its bias_variable)
         self.digit_bias = nn.Parameter(torch.full((cfg.num_classes, cfg.digit_dim), 0.1)) if cfg.digit_caps_bias else None
         if cfg.init == "authors":
-            self.init_as_authors()
+            init_as_authors(self)
         self.record_routing = False  # when True, capsules() appends Appendix A's logit changes
         self.logit_changes = []
         # DigitCaps' routing: the factored routing (its products in bf16 with routing_bf16), or
@@ -407,23 +393,6 @@ class CapsuleNet(nn.Module):
         if self.config.routing_impl == "reference":
             return self.eager_routing
         return functools.partial(self.eager_routing, children_last=True)
-
-    @torch.no_grad()
-    def init_as_authors(self):
-        """The authors' code's initialisation: truncated normals cut at 2 standard deviations
-        (TensorFlow's truncated_normal_initializer), std 0.05 for Conv1 and 0.1 for PrimaryCaps,
-        W_ij and the decoder; every bias 0.1. The paper states none of these."""
-        def truncated(w, std):
-            nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
-
-        truncated(self.conv1.weight, 0.05)
-        truncated(self.primary.weight, 0.1)
-        truncated(self.W, 0.1)
-        layers = [m for m in self.decoder.modules() if isinstance(m, (nn.Linear, nn.ConvTranspose2d))]
-        for layer in layers:
-            truncated(layer.weight, 0.1)
-        for bias in (self.conv1.bias, self.primary.bias, *(m.bias for m in layers)):
-            bias.fill_(0.1)
 
     def conv1_activation(self, x):
         """ReLU after Conv1 (the paper), or a leaky ReLU with slope CONV1_LEAKY."""
@@ -487,6 +456,24 @@ class CapsuleNet(nn.Module):
         if classes.dim() == 1:
             return lengths, self.decode(v, classes)
         return lengths, torch.stack([self.decode(v, classes[:, k]) for k in range(classes.shape[1])], 1)
+
+
+@torch.no_grad()
+def init_as_authors(model):
+    """The authors' code's initialisation of a CapsuleNet: truncated normals cut at 2 standard
+    deviations (TensorFlow's truncated_normal_initializer), std 0.05 for Conv1 and 0.1 for
+    PrimaryCaps, W_ij and the decoder; every bias 0.1. The paper states none of these."""
+    def truncated(w, std):
+        nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+    truncated(model.conv1.weight, 0.05)
+    truncated(model.primary.weight, 0.1)
+    truncated(model.W, 0.1)
+    layers = [m for m in model.decoder.modules() if isinstance(m, (nn.Linear, nn.ConvTranspose2d))]
+    for layer in layers:
+        truncated(layer.weight, 0.1)
+    for bias in (model.conv1.bias, model.primary.bias, *(m.bias for m in layers)):
+        bias.fill_(0.1)
 
 
 class EfficientCapsNet(EfficientBody):
@@ -569,14 +556,12 @@ class BatchLoss:
     (B, 2), parts uint8 (B, 2, H, W)): then the decoder runs once per digit, masked by that digit's
     capsule (in training the labels', at test the two longest, matched to the labels by
     matched_predictions), and each reconstruction is compared with its own digit's image.
-    Training images get their per-image random shift (and AUGMENT) here, on the device; test images never do.
+    Training images get their per-image shift (crops, flips, AUGMENT, DISTORT) here, on the device.
 
-    Under torchrun (`dist` enabled, `ddp` the DistributedDataParallel wrapper of `model`) a
-    training sample is the global batch: its shifts are drawn for the whole batch, as one process
-    draws them, and this process then computes its own share of the rows. The loss it
-    back-propagates is scaled by share x world size / batch, so that DDP's mean of the gradients
-    is the gradient of the global batch's mean loss, also when the shares differ (the last batch).
-    `last` holds (this process's mean loss, its labels) of the latest call, for the meters."""
+    Under torchrun (`dist` enabled, `ddp` the DistributedDataParallel wrapper of `model`) a sample
+    is the global batch: its shifts are drawn for the whole batch, then this process computes its
+    share of the rows, its loss scaled by share x world size / batch (DDP's mean of the gradients
+    is then the global batch's). `last`: (this process's mean loss, its labels) of the latest call."""
 
     def __init__(self, model, loss_fn, device, dtype, max_shift, channels_last, dist=None, ddp=None, crop=0,
                  flip=False, augment="none", distort=False):
@@ -614,6 +599,12 @@ class BatchLoss:
             loss = loss * (len(labels) * self.dist.world / batch)
         return loss, lengths.detach()
 
+    @classmethod
+    def for_run(cls, model, cfg, device, dist=None, ddp=None):
+        """The step of a run's settings: its loss, arithmetic and training augmentation."""
+        return cls(model, build_loss(cfg), device, amp_dtype(device, cfg["AMP"]), cfg["MAX_SHIFT"], cfg["CHANNELS_LAST"],
+                   dist, ddp, cfg["CROP_SIZE"], cfg["FLIP"], cfg["AUGMENT"], cfg["DISTORT"])
+
     def forward_loss(self, images, labels, *parts):
         """The forward pass and loss of one batch -> (loss, lengths): what COMPILE = "step" compiles."""
         training = self.model.training
@@ -642,56 +633,48 @@ class BatchLoss:
 
 # ---- the epoch loop: torchnet's Engine and its hooks, checkpoints every epoch, resume ----
 class Trainer:
-    """torchnet's Engine with named hooks: a train pass per epoch, then a test pass, the metrics row,
-    checkpoints (RunRecord), live progress and Visdom; a stop signal or a non-finite loss ends it."""
+    """torchnet's Engine with named hooks (run_training starts it): a train pass per epoch, a test pass,
+    the metrics row, checkpoints (RunRecord), live progress, Visdom; a stop signal or a NaN ends it."""
+    HOOKS = ("on_start", "on_start_epoch", "on_sample", "on_forward", "on_update", "on_end_epoch")
 
     def __init__(self, cfg, device, model, optimizer, scheduler, data, start_epoch=0, best_accuracy=None,
                  compile_state=None, dist=None, partial=None):
         from torchnet.engine import Engine
 
-        self.cfg, self.device, self.model = cfg, device, model
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.cfg, self.device, self.model, self.optimizer, self.scheduler = cfg, device, model, optimizer, scheduler
         self.dist = dist = dist or Distributed({})
-        ddp = wrap_ddp(model, device, dist)
-        self.network = BatchLoss(model, build_loss(cfg), device, amp_dtype(device, cfg["AMP"]), cfg["MAX_SHIFT"],
-                                 cfg["CHANNELS_LAST"], dist, ddp, cfg["CROP_SIZE"], cfg["FLIP"], cfg["AUGMENT"],
-                                 cfg["DISTORT"])
+        self.network = BatchLoss.for_run(model, cfg, device, dist, wrap_ddp(model, device, dist))
         self.data, self.train_batches = data, data.train
         self.test_batches = data.test.shard(dist.rank, dist.world)  # each process tests its part
         self.start_epoch, self.partial = start_epoch, partial  # partial: where a mid-epoch checkpoint stopped
         self.record = RunRecord(cfg["RUN_DIR"], dist, start_epoch, best_accuracy)
-        self.meters = {mode: pass_meters(cfg["NUM_CLASSES"], data.objects) for mode in ("train", "test")}
-        self.stats = PassStats(device)
+        self.passes = PassMeters(cfg["NUM_CLASSES"], data.objects, device)
         self.compile_choice = CompileChoice(model, device, cfg["COMPILE"], compile_state, dist, self.network)
         self.visdom = VisdomPlots(cfg if dist.main else dict(cfg, VISDOM=False), data.objects)
         self.live = LiveProgress(cfg["PROGRESS_EVERY"], self.visdom, dist.main)
         self.engine = Engine()
-        self.engine.hooks.update(on_start=self.on_start, on_start_epoch=self.on_start_epoch,
-                                 on_sample=self.on_sample, on_forward=self.on_forward,
-                                 on_update=self.on_update, on_end_epoch=self.on_end_epoch)
+        self.engine.hooks.update((hook, getattr(self, hook)) for hook in self.HOOKS)
         self.stop = []  # the stop signals caught (stop_signals)
 
     def on_start(self, state):
         if state["train"]:
             state["epoch"] = self.start_epoch
-        self.start_pass("train" if state["train"] else "test")
+        self.passes.start("train" if state["train"] else "test")
+        self.live.start_pass()
 
     def on_start_epoch(self, state):
         self.model.train()
         self.model.record_routing, self.model.logit_changes = True, []
-        self.start_pass("train")
+        self.passes.start("train")
+        self.live.start_pass()
         self.epoch_started, self.plan = time.perf_counter(), None
         if self.partial is None:
             self.plan = self.train_batches.plan()  # this epoch's order (and pairs) of the data
         else:  # the epoch a mid-epoch checkpoint stopped in goes on where it was, drawing nothing new
             part, self.partial = self.partial, None
-            self.plan = part["plan"] and {k: v.to(self.device) for k, v in part["plan"].items()}
-            stats = part["stats"]
-            self.stats.restore([stats[self.dist.rank]] if len(stats) == self.dist.world else
-                               stats if self.dist.main else [])
-            self.model.logit_changes = [c.to(self.device) for c in part["logit_changes"]]
+            self.plan, self.model.logit_changes, seconds = self.record.restore_position(part, self.passes.stats, self.device)
             self.live.start_pass(part["batch"], part["last_totals"])
-            self.epoch_started -= part["seconds"]
+            self.epoch_started -= seconds
         batches = self.train_batches.batches(self.plan, self.live.batch)
         desc = f"epoch {state['epoch'] + 1}/{state['maxepoch']} train"
         state["iterator"] = self.live.wrap(batches, desc, len(self.train_batches))
@@ -702,8 +685,8 @@ class Trainer:
 
     def on_forward(self, state):
         loss, labels = self.network.last  # this process's share of the batch
-        self.stats.add(loss, state["output"], labels)
-        totals = self.live.due(self.stats)
+        self.passes.stats.add(loss, state["output"], labels)
+        totals = self.live.due(self.passes.stats)
         if totals is not None:
             if totals[3] >= 0 and state["train"]:
                 self.diverged(state["epoch"] + 1, totals[3] + 1)
@@ -716,96 +699,59 @@ class Trainer:
             self.stop_here(state)
 
     def on_end_epoch(self, state):
-        bad = self.stats.totals()[3]  # the epoch's last batches, since the last progress update
+        bad = self.passes.stats.totals()[3]  # the epoch's last batches, since the last progress update
         if bad >= 0:
             self.diverged(state["epoch"], bad + 1)
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
             self.diverged(state["epoch"], None)  # a non-finite gradient in the last step
         train_seconds = time.perf_counter() - self.epoch_started
-        changes = self.routing_changes()  # none from the whole compiled step: then the test pass's
-        self.finish_pass("train")
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        for group in self.optimizer.param_groups:  # LR_MIN: the decay stops there
-            group["lr"] = max(group["lr"], self.cfg["LR_MIN"])
+        changes = routing_changes(self.model)  # none from the whole compiled step: then the test pass's
+        self.passes.finish("train", self.dist)
+        self.live.close()
+        lr = step_schedule(self.optimizer, self.scheduler, self.cfg["LR_MIN"])
         test_seconds = self.evaluate(record_routing=not changes)
-        row = epoch_row(state["epoch"], lr, self.meters, train_seconds, test_seconds, self.train_batches.rows,
-                        changes or self.routing_changes(), self.compile_choice.choice or "trial", self.device)
+        row = epoch_row(state["epoch"], lr, self.passes.meters, train_seconds, test_seconds, self.train_batches.rows,
+                        changes or routing_changes(self.model), self.compile_choice.choice or "trial", self.device)
         print_epoch(row, state["maxepoch"])
         self.record.end_epoch(row, lambda: self.checkpoint(state["epoch"]))  # stop signals wait for it
-        if self.dist.main and self.visdom.enabled:
-            self.model.eval()
-            grid, figures, caption = epoch_views(self.model, self.data, self.cfg, self.device, self.network.dtype)
-            self.visdom.log_epoch(state["epoch"], row, self.meters["test"]["confusion"].value(), grid, figures, caption)
+        if self.dist.main and self.visdom.enabled:  # the curves, the confusion matrix and the figures
+            views = epoch_views(self.model.eval(), self.data, self.cfg, self.device, self.network.dtype)
+            self.visdom.log_epoch(state["epoch"], row, self.passes.meters["test"]["confusion"].value(), *views)
         if state["epoch"] < state["maxepoch"] and self.dist.any(self.stop, self.device):
             self.stop_here(state, between_epochs=True)
 
     def stop_here(self, state, between_epochs=False):
-        """A stop signal arrived: mid-epoch, last.pt gets the position (the epoch's plan, the batches
-        done, the pass's sums so far, with weights, Adam, scheduler and RNG as after this batch);
-        between epochs it holds the completed epoch already. Then stop with Preempted."""
-        name = signal.Signals(self.stop[0]).name if self.stop else "a stop signal of another process"
+        """A stop signal arrived: mid-epoch, last.pt gets the position (RunRecord.save_position; between
+        epochs it holds the completed epoch already). Then stop with Preempted."""
         where = f"after epoch {state['epoch']}"
         if not between_epochs:
             self.live.close()
-            self.record.save_position(self.checkpoint(state["epoch"]), {
-                "batch": self.live.batch, "stats": self.dist.gather(self.stats.snapshot()),
-                "last_totals": self.live.last_totals, "plan": self.plan and {k: v.cpu() for k, v in self.plan.items()},
-                "logit_changes": [c.cpu() for c in self.model.logit_changes],
-                "seconds": time.perf_counter() - self.epoch_started})
+            self.record.save_position(self.checkpoint(state["epoch"]), self.live, self.passes.stats, self.plan,
+                                      self.model.logit_changes, time.perf_counter() - self.epoch_started)
             where = f"in epoch {state['epoch'] + 1} after batch {self.live.batch} of {len(self.train_batches)}"
-        raise Preempted(self.stop[0] if self.stop else signal.SIGTERM, f"stopped by {name} {where}: "
-                        f"{self.record.last} holds the run up to there; continue with --resume {self.record.last}")
+        raise self.record.preempted(self.stop, where)
 
     def diverged(self, epoch, batch):
-        """Stop the run: the loss of `batch` of `epoch` (or, batch None, the weights) was not finite.
-        Nothing of this epoch is written: last.pt and best.pt keep the last finite epoch."""
+        """Stop the run (RunRecord.diverged): the loss of `batch` of `epoch` (or, batch None, the
+        weights) was not finite. Nothing of this epoch is written."""
         self.live.close()  # cleared: the error is the terminal's last line
-        what = f"training loss became NaN or infinite at epoch {epoch}, batch {batch}" if batch else \
-            f"weights became NaN or infinite in epoch {epoch}"
-        raise NonFiniteLoss(f"the {what} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}): the run "
-                            f"diverged; {self.record.kept()}; lower --lr, or resume an earlier checkpoint")
+        raise self.record.diverged(epoch, batch, self.optimizer.param_groups[0]["lr"])
 
-    def start_pass(self, mode):
-        for meter in self.meters[mode].values():
-            meter.reset()
-        self.stats.reset()
-        self.live.start_pass()
-
-    def finish_pass(self, mode):
-        self.stats.gather(self.dist)
-        self.stats.feed(self.meters[mode])
-        self.live.close()
-
-    def routing_changes(self):
-        """The mean routing logit change of each iteration over the steps recorded; recording stops."""
-        changes, self.model.logit_changes, self.model.record_routing = self.model.logit_changes, [], False
-        return torch.stack(changes).mean(0).tolist() if changes else []
-
-    def evaluate(self, record_routing=False):
-        """Test pass under model.eval() and no_grad (torchnet's Engine.test does neither)."""
+    def evaluate(self, record_routing=False):  # model.eval() and no_grad: torchnet's Engine.test does neither
         started = time.perf_counter()
         self.model.eval()
         self.model.record_routing = record_routing
         with torch.no_grad():
             self.engine.test(self.network, self.live.wrap(self.test_batches, "test"))
         sync(self.device)
-        self.finish_pass("test")
+        self.passes.finish("test", self.dist)
+        self.live.close()
         return time.perf_counter() - started
 
     def checkpoint(self, epoch):
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_accuracy": self.record.best_accuracy,
                 "config": self.cfg, "rng_state": rng_state(self.device), "compile_choice": self.compile_choice.state()}
-
-    def train(self, epochs):
-        finished = False
-        try:
-            with stop_signals() as self.stop:
-                self.engine.train(self.network, self.train_batches, epochs, self.optimizer)
-            finished = True
-        finally:  # what is queued for Visdom goes out (briefly, if the run stops on an error or signal)
-            self.visdom.flush(60.0 if finished else 5.0)
 
 
 def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=None):
@@ -818,22 +764,11 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=Non
                          f"({dist.world}): each one takes an equal share of every batch")
     device, _ = setup_process(cfg, dist)
     dist.start(device)
-    if ckpt is None and not resume_auto:
-        cfg["RUN_DIR"] = fresh_run_dir(cfg["RUN_DIR"]) if dist.main else None
-    cfg["RUN_DIR"] = dist.from_main(cfg["RUN_DIR"])
+    cfg["RUN_DIR"] = choose_run_dir(cfg["RUN_DIR"], ckpt, dist, fresh=ckpt is None and not resume_auto)
     if where is not None:
         where["run_dir"] = cfg["RUN_DIR"]
-    if len(set(dist.gather(ckpt["epoch"] if ckpt else None))) > 1:
-        raise UsageError("the processes found different checkpoints: RUN_DIR and --resume must be on a file "
-                         "system that every machine sees")
     data = load_data(cfg, device)  # bad data: one line, and nothing written
-    if ckpt is not None and dist.main:
-        resume_into(cfg["RUN_DIR"], ckpt["path"], ckpt["epoch"])
-    os.makedirs(cfg["RUN_DIR"], exist_ok=True)
-    if dist.main:  # temporary files of a process killed while it wrote a checkpoint
-        for name in os.listdir(cfg["RUN_DIR"]):
-            if ".pt.tmp" in name:
-                os.remove(os.path.join(cfg["RUN_DIR"], name))
+    prepare_run_dir(cfg["RUN_DIR"], ckpt, dist)
     last = data.train.rows % cfg["BATCH_SIZE"]
     if 0 < last < dist.world:
         raise UsageError(f"the last training batch holds {last} images, fewer than the {dist.world} processes: "
@@ -843,24 +778,7 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=Non
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg["LR_DECAY"])
     start_epoch, best = 0, None
     if ckpt is not None:
-        load_weights(model, ckpt["model"])
-        if "optimizer" not in ckpt:
-            raise UsageError("--resume needs a training checkpoint (last.pt or best.pt) to continue training")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.gamma = cfg["LR_DECAY"]
-        start_epoch, best = ckpt["epoch"], ckpt["best_accuracy"]
-        set_rng_state(ckpt["rng_state"], device)
-        part = ckpt.get("partial")
-        inside = f", batch {part['batch']} of epoch {start_epoch + 1}" if part else ""
-        print(f"resumed from epoch {start_epoch}{inside} (best test accuracy so far {best:.2f}%) in {cfg['RUN_DIR']}")
-        if cfg["LR"] != ckpt["config"]["LR"]:  # --lr given now: the schedule restarts from it
-            rate = max(cfg["LR"] * cfg["LR_DECAY"] ** start_epoch, cfg["LR_MIN"])
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            scheduler.base_lrs = [cfg["LR"]] * len(optimizer.param_groups)
-            print(f"--lr {cfg['LR']:g} (the checkpoint's {ckpt['config']['LR']:g}): epoch {start_epoch + 1} trains at "
-                  f"{rate:.3g}, as if the run had started at {cfg['LR']:g}")
+        start_epoch, best = resume_training(ckpt, cfg, model, optimizer, scheduler, device)
     elif resume_auto and dist.main:
         truncate_metrics(cfg["RUN_DIR"], 0)  # rows of an epoch 1 whose checkpoint was never written
         print(f"--resume auto: no {os.path.join(cfg['RUN_DIR'], 'last.pt')} yet; a new run starts there")
@@ -876,14 +794,17 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=Non
     compile_state = ckpt.get("compile_choice") if ckpt is not None else None
     trainer = Trainer(cfg, device, model, optimizer, scheduler, data, start_epoch, best, compile_state, dist,
                       ckpt.get("partial") if ckpt is not None else None)
-    trainer.train(cfg["EPOCHS"])
+    finished = False
+    try:
+        with stop_signals() as trainer.stop:
+            trainer.engine.train(trainer.network, data.train, cfg["EPOCHS"], optimizer)
+        finished = True
+    finally:  # what is queued for Visdom goes out (briefly, if the run stops on an error or signal)
+        trainer.visdom.flush(60.0 if finished else 5.0)
     dist.barrier()  # every process done (rank 0's last checkpoint written) before the group ends
 
 
 # ---- command line: every constant is a flag; main() ----
-DATA_DECIDED = {"CLASS_NAMES": []}  # set from the data (load_data), saved in checkpoints; no flags
-
-
 def file_constants():
     """The constants at the top of this file as written (None: the data set's), and what the data decides."""
     return dict({name: globals()[name] for name, _, _ in constants_table(__file__)}, **copy.deepcopy(DATA_DECIDED))
@@ -916,25 +837,8 @@ def build_parser():
         epilog=f"presets (--preset NAME[,NAME]): {presets}",
     )
     add_constant_flags(parser, __file__, globals())
-    parser.add_argument("--resume", metavar="PATH", action="append",
-                        help="continue from a checkpoint (last.pt, best.pt); auto: from RUN_DIR/last.pt if it "
-                             "exists, else start a new run there (for restarted or requeued jobs); given several "
-                             "times with --eval-only: evaluate the ensemble of those models")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="with --resume: evaluate on the test set, print accuracy and confusion matrix")
-    parser.add_argument("--visualize", action="store_true",
-                        help="with --resume: write the capsule visualisations as PNG files into the run dir")
-    parser.add_argument("--predict", metavar="IMAGE", nargs="+",
-                        help="with --resume: classify these image files (converted as the model's data was), "
-                             "write RUN_DIR/predictions.json and a PNG of each beside its reconstruction")
-    parser.add_argument("--export-weights", metavar="PATH",
-                        help="with --resume: write the model weights alone, in fp16, to PATH")
+    add_mode_flags(parser)  # --resume, --eval-only, --visualize, --predict, --export-weights
     return parser
-
-
-def eval_step(model, cfg, device, dtype):
-    """The test pass's BatchLoss of a model (--eval-only, ensembles)."""
-    return BatchLoss(model, build_loss(cfg), device, dtype, 0, cfg["CHANNELS_LAST"], crop=cfg["CROP_SIZE"])
 
 
 def main(argv=None):
@@ -961,19 +865,7 @@ def main(argv=None):
 
 
 def run_mode(args, training, dist, where):
-    for flag in ("eval_only", "visualize", "export_weights", "predict"):
-        if getattr(args, flag) and not args.resume:
-            raise UsageError(f"--{flag.replace('_', '-')} needs --resume PATH")
-    resumes = args.resume or []
-    if len(resumes) > 1 and not args.eval_only:
-        raise UsageError("several --resume checkpoints are an ensemble: only with --eval-only")
-    args.resume = resumes[0] if resumes else None
-    resume_auto = args.resume == "auto"
-    if resume_auto:  # RUN_DIR/last.pt if it exists, else a fresh run in RUN_DIR
-        if not training:
-            raise UsageError("--resume auto is for training; name the checkpoint to evaluate, visualise or export")
-        path = os.path.join(args.RUN_DIR or RUN_DIR, "last.pt")
-        args.resume = path if os.path.exists(path) else None
+    resume_auto, others = resolve_resume(args, training, args.RUN_DIR or RUN_DIR)  # args.resume: one path or None
     ckpt = load_checkpoint(args.resume) if args.resume else None
     cfg, origin = configure(flags_given(args), ckpt, args.resume)
     where.update(batch=cfg["BATCH_SIZE"], eval_batch=cfg["EVAL_BATCH_SIZE"])
@@ -982,7 +874,7 @@ def run_mode(args, training, dist, where):
     if args.export_weights:
         export_weights(ckpt, cfg, args.export_weights)
     elif args.eval_only:
-        run_eval(cfg, ckpt, [load_checkpoint(path) for path in resumes[1:]], build_model, eval_step)
+        run_eval(cfg, ckpt, [load_checkpoint(path) for path in others], build_model, BatchLoss.for_run)
     elif args.predict:
         run_predict(cfg, ckpt, args.predict, build_model)
     elif args.visualize:

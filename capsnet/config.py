@@ -28,6 +28,8 @@ MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "
               "DECODER", "DECODER_HIDDEN1", "DECODER_HIDDEN2", "DECODER_BN",
               "M_PLUS", "M_MINUS", "LAMBDA_ABSENT", "RECON_WEIGHT", "MARGIN_REDUCTION")
 
+DATA_DECIDED = {"CLASS_NAMES": []}  # set from the data (data.load_data), saved in checkpoints; no flags
+
 # Settings added after checkpoints were first written: an older checkpoint that lacks one ran as
 # the code did before the setting existed, whatever the data set's value now is.
 ADDED_LATER = {"DISTORT": False, "STANDARDIZE": False, "RECON_DETACH": False, "DECODER_BN": False}

@@ -156,6 +156,25 @@ class PassStats:
             meters["accuracy"].add(outputs, targets)
 
 
+class PassMeters:
+    """An epoch's meters: torchnet's for each pass (pass_meters), and the running sums of the pass
+    under way (PassStats), which feed them when it ends."""
+
+    def __init__(self, num_classes, objects, device):
+        self.meters = {mode: pass_meters(num_classes, objects) for mode in ("train", "test")}
+        self.stats = PassStats(device)
+
+    def start(self, mode):
+        for meter in self.meters[mode].values():
+            meter.reset()
+        self.stats.reset()
+
+    def finish(self, mode, dist):
+        """The pass's sums from every process (torchrun) into its meters."""
+        self.stats.gather(dist)
+        self.stats.feed(self.meters[mode])
+
+
 def print_evaluation(result, name, objects, models, seconds):
     """--eval-only's report of `result` (run_eval's dict, over `models` checkpoints): the test
     accuracy and loss (for two-digit images the paper's both-right score and at least one right),
@@ -172,6 +191,13 @@ def print_evaluation(result, name, objects, models, seconds):
           "confusion matrix of the digits (rows: true class, columns: the capsule matched to it):")
     for k, counts in enumerate(result["confusion"]):
         print(f"  {k}: " + " ".join(f"{int(c):5d}" for c in counts))
+
+
+def routing_changes(model):
+    """The mean routing logit change of each iteration over the steps `model` recorded (Appendix A's
+    measure); its recording stops."""
+    changes, model.logit_changes, model.record_routing = model.logit_changes, [], False
+    return torch.stack(changes).mean(0).tolist() if changes else []
 
 
 def epoch_row(epoch, lr, meters, train_seconds, test_seconds, train_rows, changes, compile_choice, device):

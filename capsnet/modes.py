@@ -18,6 +18,44 @@ from capsnet.fast import model_to_device
 from capsnet.runtime import UsageError, amp_dtype, atomic_torch_save, load_weights, setup_process, sync
 
 
+def add_mode_flags(parser):
+    """The flags of the modes beside training, and --resume."""
+    parser.add_argument("--resume", metavar="PATH", action="append",
+                        help="continue from a checkpoint (last.pt, best.pt); auto: from RUN_DIR/last.pt if it "
+                             "exists, else start a new run there (for restarted or requeued jobs); given several "
+                             "times with --eval-only: evaluate the ensemble of those models")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="with --resume: evaluate on the test set, print accuracy and confusion matrix")
+    parser.add_argument("--visualize", action="store_true",
+                        help="with --resume: write the capsule visualisations as PNG files into the run dir")
+    parser.add_argument("--predict", metavar="IMAGE", nargs="+",
+                        help="with --resume: classify these image files (converted as the model's data was), "
+                             "write RUN_DIR/predictions.json and a PNG of each beside its reconstruction")
+    parser.add_argument("--export-weights", metavar="PATH",
+                        help="with --resume: write the model weights alone, in fp16, to PATH")
+
+
+def resolve_resume(args, training, run_dir):
+    """Check the mode flags against --resume and resolve it: args.resume becomes the one checkpoint
+    to load (or None) -> (whether --resume auto found nothing to resume, the paths of an
+    ensemble's other members). --resume auto is RUN_DIR/last.pt if it exists, else a fresh run in
+    RUN_DIR (for restarted and requeued jobs)."""
+    for flag in ("eval_only", "visualize", "export_weights", "predict"):
+        if getattr(args, flag) and not args.resume:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --resume PATH")
+    resumes = args.resume or []
+    if len(resumes) > 1 and not args.eval_only:
+        raise UsageError("several --resume checkpoints are an ensemble: only with --eval-only")
+    args.resume = resumes[0] if resumes else None
+    if args.resume != "auto":
+        return False, resumes[1:]
+    if not training:
+        raise UsageError("--resume auto is for training; name the checkpoint to evaluate, visualise or export")
+    path = os.path.join(run_dir, "last.pt")
+    args.resume = path if os.path.exists(path) else None
+    return args.resume is None, []
+
+
 def authors_choices(cfg):
     """Which of the authors' code's departures from the paper's text are on (PRESETS["authors"])."""
     on = {"INIT": cfg["INIT"] == "authors", "PRIMARY_SCALE": cfg["PRIMARY_SCALE"] != 1,
@@ -39,11 +77,11 @@ def model_line(model, device, amp, data, cfg=None):
             + (f"; the authors' code's {', '.join(choices)}" if choices else ""))
 
 
-def run_eval(cfg, ckpt, others, build_model, eval_step):
+def run_eval(cfg, ckpt, others, build_model, make_step):
     """--eval-only: the test set through the checkpoint's model; with `others` (more checkpoints
     of the same data set and classes), also their ensemble: the capsule lengths averaged over the
     models before the argmax (the paper's CIFAR10 ensemble; the authors' code sums them).
-    eval_step(model, cfg, device, dtype): the script's BatchLoss for the test pass."""
+    make_step(model, cfg, device): the script's BatchLoss of a model (BatchLoss.for_run)."""
     device, _ = setup_process(cfg)
     data = load_data(cfg, device, train=False)
     dtype = amp_dtype(device, cfg["AMP"])
@@ -53,7 +91,7 @@ def run_eval(cfg, ckpt, others, build_model, eval_step):
         model = model_to_device(build_model(member_cfg), member_cfg, device)
         load_weights(model, member["model"])
         model.eval()
-        steppers.append(eval_step(model, member_cfg, device, dtype))
+        steppers.append(make_step(model, member_cfg, device))
     stats = [PassStats(device) for _ in range(len(members) + (len(members) > 1))]
     started = time.perf_counter()
     with torch.no_grad():

@@ -469,13 +469,95 @@ class RunRecord:
             atomic_torch_save(ckpt, self.last)
         return is_best
 
-    def save_position(self, ckpt, partial):
-        """last.pt with a mid-epoch position (Trainer.stop_here), every process waiting for it."""
+    def save_position(self, ckpt, live, stats, plan, logit_changes, seconds):
+        """last.pt with a mid-epoch position (Trainer.stop_here): the batches done (`live`, a
+        LiveProgress), every process's pass sums so far (`stats`, a PassStats), the epoch's `plan`
+        of the data, the routing changes recorded and the seconds trained; every process waits."""
+        partial = {"batch": live.batch, "stats": self.dist.gather(stats.snapshot()), "last_totals": live.last_totals,
+                   "plan": plan and {k: v.cpu() for k, v in plan.items()},
+                   "logit_changes": [c.cpu() for c in logit_changes], "seconds": seconds}
         if self.dist.main:
             atomic_torch_save(dict(ckpt, partial=partial), self.last)
         self.dist.barrier()
 
-    def kept(self):
-        """What a failed epoch leaves: '... last.pt keeps epoch N', or that nothing was written."""
-        return f"{self.last} keeps epoch {self.saved_epoch}" if self.saved_epoch else "no checkpoint was written"
+    def restore_position(self, part, stats, device):
+        """A saved position back: `stats` restored (this process's share, or under a changed world
+        every share on rank 0) -> (the plan on `device`, the routing changes, the seconds trained)."""
+        shares = part["stats"]
+        stats.restore([shares[self.dist.rank]] if len(shares) == self.dist.world else shares if self.dist.main else [])
+        plan = part["plan"] and {k: v.to(device) for k, v in part["plan"].items()}
+        return plan, [c.to(device) for c in part["logit_changes"]], part["seconds"]
+
+    def preempted(self, caught, where):
+        """The Preempted that ends a run stopped `where` by the signals `caught` (none: another process's)."""
+        name = signal.Signals(caught[0]).name if caught else "a stop signal of another process"
+        return Preempted(caught[0] if caught else signal.SIGTERM, f"stopped by {name} {where}: {self.last} holds the "
+                         f"run up to there; continue with --resume {self.last}")
+
+    def diverged(self, epoch, batch, lr):
+        """The error that ends a run whose loss at `batch` of `epoch` (or, batch None, whose weights)
+        was not finite; last.pt and best.pt keep the last finite epoch."""
+        what = f"training loss became NaN or infinite at epoch {epoch}, batch {batch}" if batch else \
+            f"weights became NaN or infinite in epoch {epoch}"
+        kept = f"{self.last} keeps epoch {self.saved_epoch}" if self.saved_epoch else "no checkpoint was written"
+        return NonFiniteLoss(f"the {what} (learning rate {lr:.3g}): the run diverged; {kept}; lower --lr, or resume "
+                             f"an earlier checkpoint")
+
+
+def step_schedule(optimizer, scheduler, lr_min):
+    """The end of an epoch's schedule: the decay, no lower than lr_min (LR_MIN) -> the rate the epoch trained at."""
+    lr = optimizer.param_groups[0]["lr"]
+    scheduler.step()
+    for group in optimizer.param_groups:
+        group["lr"] = max(group["lr"], lr_min)
+    return lr
+
+
+def choose_run_dir(run_dir, ckpt, dist, fresh):
+    """The run directory every process uses: RUN_DIR, or for a `fresh` run a new one beside it if
+    it holds a run already (fresh_run_dir, decided by rank 0). The processes must have found the
+    same checkpoint."""
+    run_dir = dist.from_main(fresh_run_dir(run_dir) if fresh and dist.main else None if fresh else run_dir)
+    if len(set(dist.gather(ckpt["epoch"] if ckpt else None))) > 1:
+        raise UsageError("the processes found different checkpoints: RUN_DIR and --resume must be on a file "
+                         "system that every machine sees")
+    return run_dir
+
+
+def prepare_run_dir(run_dir, ckpt, dist):
+    """RUN_DIR made ready by rank 0: a resumed run's files brought in (resume_into), and temporary
+    files of a process killed while it wrote a checkpoint removed."""
+    if ckpt is not None and dist.main:
+        resume_into(run_dir, ckpt["path"], ckpt["epoch"])
+    os.makedirs(run_dir, exist_ok=True)
+    if dist.main:
+        for name in os.listdir(run_dir):
+            if ".pt.tmp" in name:
+                os.remove(os.path.join(run_dir, name))
+
+
+def resume_training(ckpt, cfg, model, optimizer, scheduler, device):
+    """A training checkpoint's weights, Adam, schedule and RNG into a new run's objects, with the
+    lines that say so -> (its epoch, its best test accuracy or None). A learning rate given now
+    (--lr differs from the checkpoint's) restarts the schedule from it at the same epoch."""
+    load_weights(model, ckpt["model"])
+    if "optimizer" not in ckpt:
+        raise UsageError("--resume needs a training checkpoint (last.pt or best.pt) to continue training")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.gamma = cfg["LR_DECAY"]
+    epoch, best = ckpt["epoch"], ckpt["best_accuracy"]
+    set_rng_state(ckpt["rng_state"], device)
+    part = ckpt.get("partial")
+    inside = f", batch {part['batch']} of epoch {epoch + 1}" if part else ""
+    so_far = "no epoch finished yet" if best is None else f"best test accuracy so far {best:.2f}%"
+    print(f"resumed from epoch {epoch}{inside} ({so_far}) in {cfg['RUN_DIR']}")
+    if cfg["LR"] != ckpt["config"]["LR"]:  # --lr given now: the schedule restarts from it
+        rate = max(cfg["LR"] * cfg["LR_DECAY"] ** epoch, cfg["LR_MIN"])
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        scheduler.base_lrs = [cfg["LR"]] * len(optimizer.param_groups)
+        print(f"--lr {cfg['LR']:g} (the checkpoint's {ckpt['config']['LR']:g}): epoch {epoch + 1} trains at "
+              f"{rate:.3g}, as if the run had started at {cfg['LR']:g}")
+    return epoch, best
 

@@ -33,6 +33,44 @@ FIG5_TITLE = ("Fig. 5: test pairs (top), reconstructions from the two longest ca
               "green = second (middle), red = first label, green = a class not present (bottom)")
 
 
+def open_windows(cfg, objects):
+    """The loggers of the run's windows (torchnet's VisdomPlotLogger and VisdomLogger), by name."""
+    from torchnet.logger import VisdomLogger, VisdomPlotLogger
+
+    server, port, env = cfg["VISDOM_SERVER"], cfg["VISDOM_PORT"], cfg["VISDOM_ENV"]
+
+    def plot(title, ylabel, caption=None, markers=True):
+        return VisdomPlotLogger("line", env=env, port=port, server=server, win=f"{env}_{title}",
+                                opts=dict(title=caption or title, xlabel="epoch", ylabel=ylabel,
+                                          markers=markers, markersize=6))
+
+    def window(kind, title, **opts):
+        return VisdomLogger(kind, env=env, port=port, server=server, win=f"{env}_{title}",
+                            opts=dict(title=title, **opts))
+
+    every = f"mean of every {cfg['PROGRESS_EVERY']} batches"
+    labels = [str(k) for k in range(cfg["NUM_CLASSES"])]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return {
+            "loss": plot("loss", "loss"), "accuracy": plot("accuracy", "accuracy (%)"),
+            "lr": plot("learning rate", "learning rate"),
+            "routing": plot("routing logit change", "mean |change of b_ij|"),
+            "live_loss": plot("training loss, live", "loss", f"training loss, live ({every})", False),
+            "live_accuracy": plot("training accuracy, live", "accuracy (%)", f"training accuracy, live ({every})",
+                                  False),
+            "confusion": window("heatmap", "confusion matrix (test)", columnnames=labels, rownames=labels,
+                                xlabel="predicted", ylabel="true"),
+            # two-digit images: Fig. 5
+            "recon": window("image", "test images (top) and reconstructions (bottom)" if objects == 1 else FIG5_TITLE),
+            "fig4": window("image", "Fig. 4: each of the 16 dimensions perturbed by -0.25..0.25"),
+            "masks": window("image", "reconstruction under every class mask (rows: digits, cols: masks)"),
+            "couplings": window("image", "couplings c_ij of one test image (per class: the primary capsule types on "
+                                         "their grid; min black, max white)"),
+            "rotation": window("image", "rotation sweep: capsule lengths of a test image per class turned through "
+                                        "360 degrees, reconstructions beneath"),
+        }
+
+
 class VisdomPlots:
     """Live plots through torchnet's Visdom loggers. Checked once at start; if the server is not
     there, or stops answering later, one warning line and training goes on without it.
@@ -50,42 +88,10 @@ class VisdomPlots:
             print(f"warning: no Visdom server answers at {server}:{port}; training without live plots "
                   f"(start one with: python -m visdom.server -port {port} -bind_local)", file=sys.stderr)
             return
-        from torchnet.logger import VisdomLogger, VisdomPlotLogger
-
-        def plot(title, ylabel, caption=None, markers=True):
-            return VisdomPlotLogger("line", env=env, port=port, server=server, win=f"{env}_{title}",
-                                    opts=dict(title=caption or title, xlabel="epoch", ylabel=ylabel,
-                                              markers=markers, markersize=6))
-
-        def window(kind, title, **opts):
-            return VisdomLogger(kind, env=env, port=port, server=server, win=f"{env}_{title}",
-                                opts=dict(title=title, **opts))
-
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.loss = plot("loss", "loss")
-                self.accuracy = plot("accuracy", "accuracy (%)")
-                self.lr = plot("learning rate", "learning rate")
-                self.routing = plot("routing logit change", "mean |change of b_ij|")
-                every = f"mean of every {cfg['PROGRESS_EVERY']} batches"
-                self.live_loss = plot("training loss, live", "loss", f"training loss, live ({every})", False)
-                self.live_accuracy = plot("training accuracy, live", "accuracy (%)",
-                                          f"training accuracy, live ({every})", False)
-                labels = [str(k) for k in range(cfg["NUM_CLASSES"])]
-                self.confusion = window("heatmap", "confusion matrix (test)", columnnames=labels,
-                                        rownames=labels, xlabel="predicted", ylabel="true")
-                if objects == 1:  # else two-digit images: Fig. 5
-                    self.recon = window("image", "test images (top) and reconstructions (bottom)")
-                else:
-                    self.recon = window("image", FIG5_TITLE)
-                self.fig4 = window("image", "Fig. 4: each of the 16 dimensions perturbed by -0.25..0.25")
-                self.masks = window("image", "reconstruction under every class mask (rows: digits, cols: masks)")
-                self.couplings = window("image", "couplings c_ij of one test image (per class: the primary capsule "
-                                                 "types on their grid; min black, max white)")
-                self.rotation = window("image", "rotation sweep: capsule lengths of a test image per class turned "
-                                                "through 360 degrees, reconstructions beneath")
-            self.loggers = [self.loss, self.accuracy, self.lr, self.routing, self.live_loss, self.live_accuracy,
-                            self.confusion, self.recon, self.fig4, self.masks, self.couplings, self.rotation]
+            windows = open_windows(cfg, objects)
+            vars(self).update(windows)  # each window's logger is an attribute of its name: self.loss, ...
+            self.loggers = list(windows.values())
             for lg in self.loggers:
                 lg.viz.raise_exceptions = True  # errors reach us instead of being printed per call
         except Exception as e:
