@@ -54,6 +54,7 @@ from capsnet.data import (input_size, load_data, multimnist_pairs, nominal_data_
                           smallest_input, standardize, to_float_images)
 from capsnet.decoders import DeconvDecoder
 from capsnet.efficient import EfficientBody, efficient_augment
+from capsnet.explore import add_explore_flags, run_explore
 from capsnet.fast import CompileChoice, CompiledOrEager, WholeStep, conv1_primary_cpu
 from capsnet.figures import epoch_views, write_figures, write_predictions
 from capsnet.meters import (PassStats, matched_predictions, meter_values, pass_meters, print_evaluation,  # noqa: F401
@@ -1107,6 +1108,7 @@ def build_parser():
                              "write RUN_DIR/predictions.json and a PNG of each beside its reconstruction")
     parser.add_argument("--export-weights", metavar="PATH",
                         help="with --resume: write the model weights alone, in fp16, to PATH")
+    add_explore_flags(parser)  # --explore and its --explore-* flags (capsnet/explore.py)
     return parser
 
 
@@ -1181,7 +1183,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     dist = Distributed()  # torchrun's environment; a world of one without it
-    training = not (args.export_weights or args.eval_only or args.visualize or args.predict)
+    training = not (args.export_weights or args.eval_only or args.visualize or args.predict or args.explore)
     if dist.enabled and not training and not dist.main:
         return 0  # evaluation, figures and export run in rank 0 alone
     where = {}  # the run directory and batch sizes, once known: for the error lines
@@ -1202,7 +1204,7 @@ def main(argv=None):
 
 
 def run_mode(args, training, dist, where):
-    for flag in ("eval_only", "visualize", "export_weights", "predict"):
+    for flag in ("eval_only", "visualize", "export_weights", "predict", "explore"):
         if getattr(args, flag) and not args.resume:
             raise UsageError(f"--{flag.replace('_', '-')} needs --resume PATH")
     resumes = args.resume or []
@@ -1228,6 +1230,8 @@ def run_mode(args, training, dist, where):
         run_predict(cfg, ckpt, args.predict)
     elif args.visualize:
         run_visualize(cfg, ckpt)
+    elif args.explore:
+        run_explore(cfg, ckpt, build_model, DATASETS[cfg["DATASET"]], args)
     else:
         run_training(cfg, ckpt, dist, resume_auto and ckpt is None, where)
     return 0
