@@ -229,7 +229,7 @@ def gallery_figure(explorer, most=GALLERY_MOST):
             + ", longest predicted capsule first")
     cols = min(10, max(1, len(shown)))
     rows = max(1, -(-len(shown) // cols))
-    fig = Figure(figsize=(max(6.0, 1.1 * cols), 1.5 * rows + 0.5), dpi=72, layout="constrained")
+    fig = Figure(figsize=(max(6.0, 1.2 * cols), 1.5 * rows + 0.5), dpi=72, layout="constrained")
     fig.suptitle(head + "\n(index; true class and its length; predicted class and its length)", fontsize=9)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
@@ -313,7 +313,7 @@ class LiveExplorer:
                            "width": 440, "height": 330})
         self.send_controls()
         self.vis.text("<br>".join(html.escape(line) for line in view["lines"]), win=self.win["status"], env=self.env,
-                      opts={"title": "what is shown", "width": 2 * SHOW_SIDE, "height": 120})
+                      opts={"title": "what is shown", "width": 2 * SHOW_SIDE + 430, "height": 90})
         return view
 
     def apply(self, row, value):
