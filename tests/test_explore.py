@@ -300,17 +300,19 @@ def test_no_visdom_writes_the_pictures(trained, tmp_path):
     assert np.abs(recon - want).max() < 1.5 / 255
 
 
-@pytest.mark.parametrize("kind", ["efficient-capsnet", "colour"])
+@pytest.mark.parametrize("kind", ["efficient-capsnet", "colour", "stereo"])
 def test_other_models_and_colour_images(kind, tmp_path):
-    """Efficient-CapsNet's capsules and decoder, and a CapsNet of 3-channel images: the decoder sees
-    the changed capsule alone, images are drawn in colour, and the pictures are written."""
+    """Efficient-CapsNet's capsules and decoder, and CapsNets of 3-channel images (drawn in colour)
+    and of 2-channel stereo pairs (smallNORB's: the first camera's image drawn): the decoder sees
+    the changed capsule alone, and the pictures are written."""
     torch.manual_seed(0)
     if kind == "efficient-capsnet":
         cfg = dict(cn.default_config(), MODEL="efficient-capsnet", IMAGE_SIZE=28, IMAGE_CHANNELS=1, NUM_CLASSES=10)
         model, images = cn.build_model(cfg).eval(), torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
     else:
-        model = small_model(in_channels=3)
-        images = torch.randint(0, 256, (12, 3, 28, 28), dtype=torch.uint8)
+        stored = 3 if kind == "colour" else 2
+        model = small_model(in_channels=stored)
+        images = torch.randint(0, 256, (12, stored, 28, 28), dtype=torch.uint8)
     ex = explore.Explorer(model, images, torch.arange(12) % 10, [str(k) for k in range(10)], batch=5)
     vis = RecordingVisdom()
     view = explore.LiveExplorer(ex, vis, "t_explore", gallery=explore.figure_pixels(explore.gallery_figure(ex)))
