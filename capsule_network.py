@@ -25,7 +25,7 @@ The file, top to bottom (support code lives in the capsnet/ package beside it):
                    run_training
     command line   the flags, the settings (capsnet/config.py: constants < data set < checkpoint <
                    preset < flags), main(); the other modes (--eval-only, --visualize, --predict,
-                   --export-weights) are in capsnet/modes.py
+                   --export-weights) are in capsnet/modes.py, --explore in capsnet/explore.py
 capsnet/: config.py (the settings of a run), data.py (readers, batches, shifts, MultiMNIST),
 fast.py (the CPU's faster PrimaryCaps convolution, the compiled routing, the whole compiled step),
 meters.py, figures.py, modes.py, visdom_plots.py, runtime.py (devices, RNG, checkpoints, the run
@@ -55,6 +55,7 @@ from capsnet.data import (input_size, load_data, multimnist_pairs, nominal_data_
                           to_float_images)
 from capsnet.decoders import DeconvDecoder
 from capsnet.efficient import EfficientBody, efficient_augment
+from capsnet.explore import run_explore
 from capsnet.fast import CompileChoice, WholeStep, model_to_device, use_cpu_speedups
 from capsnet.figures import epoch_views
 from capsnet.meters import PassMeters, epoch_row, matched_predictions, print_epoch, routing_changes, two_digit_scores  # noqa: F401,E501
@@ -844,7 +845,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     dist = Distributed()  # torchrun's environment; a world of one without it
-    training = not (args.export_weights or args.eval_only or args.visualize or args.predict)
+    training = not (args.export_weights or args.eval_only or args.visualize or args.predict or args.explore)
     if dist.enabled and not training and not dist.main:
         return 0  # evaluation, figures and export run in rank 0 alone
     where = {}  # the run directory and batch sizes, once known: for the error lines
@@ -879,6 +880,8 @@ def run_mode(args, training, dist, where):
         run_predict(cfg, ckpt, args.predict, build_model)
     elif args.visualize:
         run_visualize(cfg, ckpt, build_model)
+    elif args.explore:
+        run_explore(cfg, ckpt, build_model, args)
     else:
         run_training(cfg, ckpt, dist, resume_auto and ckpt is None, where, origin)
     return 0

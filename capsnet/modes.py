@@ -12,6 +12,7 @@ import torch
 from capsnet.config import MODEL_KEYS
 from capsnet.data import DATA_SETS, load_data, read_images_as_data, to_float_images
 from capsnet.efficient import EfficientBody
+from capsnet.explore import add_explore_flags
 from capsnet.figures import write_figures, write_predictions
 from capsnet.meters import PassStats, meter_values, pass_meters, print_evaluation
 from capsnet.fast import model_to_device
@@ -33,6 +34,7 @@ def add_mode_flags(parser):
                              "write RUN_DIR/predictions.json and a PNG of each beside its reconstruction")
     parser.add_argument("--export-weights", metavar="PATH",
                         help="with --resume: write the model weights alone, in fp16, to PATH")
+    add_explore_flags(parser)  # --explore and its --explore-* flags (capsnet/explore.py)
 
 
 def resolve_resume(args, training, run_dir):
@@ -40,7 +42,7 @@ def resolve_resume(args, training, run_dir):
     to load (or None) -> (whether --resume auto found nothing to resume, the paths of an
     ensemble's other members). --resume auto is RUN_DIR/last.pt if it exists, else a fresh run in
     RUN_DIR (for restarted and requeued jobs)."""
-    for flag in ("eval_only", "visualize", "export_weights", "predict"):
+    for flag in ("eval_only", "visualize", "export_weights", "predict", "explore"):
         if getattr(args, flag) and not args.resume:
             raise UsageError(f"--{flag.replace('_', '-')} needs --resume PATH")
     resumes = args.resume or []
