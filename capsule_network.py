@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # support code (capsnet/); multimnist_pairs and two_digit_scores are imported for users' scripts
+from capsnet.baseline import BaselineLoss, baseline_line, build_baseline
 from capsnet.cli import OneLineParser, add_constant_flags, constants_table, validate_config
 from capsnet.data import (input_size, load_data, multimnist_pairs, nominal_data_settings,  # noqa: F401
                           random_brightness_contrast, random_crop_flip, random_shift, read_images_as_data,
@@ -81,7 +82,7 @@ MULTIMNIST_SHIFT: int = 4  # multimnist: each digit of a pair shifted by up to t
 AUGMENT: str = "none"  # more training augmentation, per image on the device: none, or efficient (Efficient-CapsNet's rotation, shift, squish, erase)
 MULTIMNIST_TEST_PAIRS: int = 1  # multimnist: fixed test images per MNIST test digit (the paper made 1,000)
 # model, as in the paper (sec. 4, Fig. 1 and 2)
-MODEL: str = "capsnet"  # capsnet: the paper's; efficient-capsnet: Mazzia et al. 2021, self-attention routing (capsnet/efficient.py)
+MODEL: str = "capsnet"  # capsnet: the paper's; efficient-capsnet: Mazzia et al. 2021, self-attention routing (capsnet/efficient.py); baseline-cnn: the paper's CNN baselines (capsnet/baseline.py)
 CONV1_CHANNELS: int = 256  # Conv1 filters, 9x9, stride 1 (paper, sec. 4)
 PRIMARY_CAPS: int = 32  # primary capsule types (channels of 8-D capsules) on the 6x6 grid
 PRIMARY_DIM: int = 8  # dimension of a primary capsule
@@ -92,6 +93,8 @@ ROUTING_ITERATIONS: int = 3  # routing-by-agreement iterations (paper: 3, sec. 4
 ROUTING_IMPL: str = "factored"  # factored: capsule_layer, the same routing computed faster; reference: dynamic_routing as written (slower)
 ROUTING_LEAKY: bool = False  # an extra "none-of-the-above" parent with logit 0 in each child's softmax (CIFAR10, sec. 7)
 W_INIT_STD: float = 0.01  # standard deviation of the normal initialisation of the W_ij matrices (INIT torch)
+BASELINE_LAYERS: str = "auto"  # baseline-cnn: sec5 (the paper's MNIST baseline), conv-model (the authors' conv_model.py, max-pooled), auto (conv-model for multimnist, expanded-mnist, affnist; else sec5)
+BASELINE_DROPOUT: float = 0.5  # baseline-cnn: dropout before the class layer (the paper names no rate)
 # where the authors' released code (Sarasra/models, research/capsules) differs from the paper's text;
 # off by default, all on with --preset authors (README: "The authors' code")
 INIT: str = "torch"  # torch: PyTorch's layer defaults, W_ij ~ N(0, W_INIT_STD); authors: truncated normals (Conv1 0.05, the rest 0.1), biases 0.1
@@ -511,7 +514,9 @@ def build_model(cfg):
     where nothing is decided yet (the constants alone), the data set's usual shape (MNIST's)."""
     if not cfg["IMAGE_SIZE"] or not cfg["IMAGE_CHANNELS"] or not cfg["NUM_CLASSES"]:
         cfg = nominal_data_settings(dict(cfg), DATASETS[cfg["DATASET"]])
-    if cfg["MODEL"] == "efficient-capsnet":
+    if cfg["MODEL"] == "baseline-cnn":  # capsnet/baseline.py
+        model = build_baseline(cfg, DATASETS[cfg["DATASET"]])
+    elif cfg["MODEL"] == "efficient-capsnet":
         size, channels, classes = input_size(cfg), cfg["IMAGE_CHANNELS"], cfg["NUM_CLASSES"]
         decoder = make_decoder(cfg["DECODER"], cfg["DIGIT_DIM"] * classes, (cfg["DECODER_HIDDEN1"], cfg["DECODER_HIDDEN2"]),
                                channels, size)
@@ -540,6 +545,8 @@ def build_optimizer(model, cfg):
 
 
 def build_loss(cfg):
+    if cfg["MODEL"] == "baseline-cnn":
+        return BaselineLoss()
     return CapsuleLoss(cfg["M_PLUS"], cfg["M_MINUS"], cfg["LAMBDA_ABSENT"], cfg["RECON_WEIGHT"],
                        cfg["MARGIN_REDUCTION"])
 
@@ -555,6 +562,8 @@ def authors_choices(cfg):
 def model_line(model, device, amp, data, cfg=None):
     """The start-up line: the model, the device, the arithmetic and why (amp_choice's text), the data,
     and the authors' choices that are on."""
+    if not hasattr(model, "capsules"):  # the CNN baselines
+        return baseline_line(model, device, amp, data)
     choices = authors_choices(cfg) if cfg is not None else []
     name = "Efficient-CapsNet" if isinstance(model, EfficientBody) else "CapsNet"
     if getattr(model, "routing_bf16", False):
@@ -630,7 +639,7 @@ class BatchLoss:
                 lengths, recon = forward(images, labels if training else None, objects=labels.shape[1])
         if not parts:
             return self.loss_fn(images, labels, lengths, recon), lengths
-        if not training:  # the reconstruction matched to label k compared with part k
+        if not training and recon is not None:  # the reconstruction matched to label k compared with part k
             _, swapped = matched_predictions(lengths.detach(), labels)
             recon = torch.where(swapped[:, None, None, None, None], recon.flip(1), recon)
         present = F.one_hot(labels, lengths.shape[1]).sum(1)  # (B, J): both classes present
@@ -673,7 +682,8 @@ class Trainer:
         self.saved_epoch = start_epoch  # the epoch last.pt holds
         self.meters = {mode: pass_meters(cfg["NUM_CLASSES"], data.objects) for mode in ("train", "test")}
         self.stats = PassStats(device)
-        self.compile_choice = CompileChoice(model, device, cfg["COMPILE"], compile_state, dist, self.network)
+        compile_setting = cfg["COMPILE"] if hasattr(model, "capsules") else False  # a CNN baseline runs eagerly
+        self.compile_choice = CompileChoice(model, device, compile_setting, compile_state, dist, self.network)
         self.visdom = VisdomPlots(cfg if dist.main else dict(cfg, VISDOM=False), data.objects)
         self.run_dir = cfg["RUN_DIR"]
         self.engine = Engine()
@@ -1049,6 +1059,9 @@ def run_predict(cfg, ckpt, paths):
     model = build_model(cfg).to(device)
     load_weights(model, ckpt["model"])
     model.eval()
+    if not hasattr(model, "capsules"):
+        raise UsageError("--predict draws each image beside its reconstruction from a capsule; --model baseline-cnn has "
+                         "neither: measure it with --eval-only")
     dark_on_light = DATASETS[cfg["DATASET"]]["reader"] in ("MNIST", "FashionMNIST", "KMNIST", "EMNIST")
     inputs, inverted = read_images_as_data(paths, cfg["IMAGE_SIZE"], cfg["IMAGE_CHANNELS"], dark_on_light)
     images = to_float_images(inputs.to(device), cfg["CROP_SIZE"])
@@ -1060,6 +1073,7 @@ def run_predict(cfg, ckpt, paths):
 
 MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "IMAGE_CHANNELS", "CROP_SIZE", "CLASS_NAMES", "CONV1_CHANNELS", "PRIMARY_CAPS", "PRIMARY_DIM", "DIGIT_DIM", "NUM_CLASSES", "KERNEL_SIZE",
               "ROUTING_ITERATIONS", "ROUTING_LEAKY", "W_INIT_STD", "INIT", "PRIMARY_SCALE", "DIGIT_CAPS_BIAS", "DECODER", "CONV1_LEAKY", "DECODER_HIDDEN1", "DECODER_HIDDEN2",
+              "BASELINE_LAYERS", "BASELINE_DROPOUT",
               "STANDARDIZE",
               "M_PLUS", "M_MINUS", "LAMBDA_ABSENT", "RECON_WEIGHT", "MARGIN_REDUCTION")  # what an exported model carries: shape, loss
 

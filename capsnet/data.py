@@ -647,7 +647,7 @@ def validate_shape(cfg):
         if efficient_grid(size) < 1:
             raise UsageError(f"{size}x{size} images are too small for Efficient-CapsNet's four convolutions: the "
                              f"smallest size that works is 11x11 (--image-size 11 or more)")
-    elif size < smallest:
+    elif size < smallest and cfg.get("MODEL") != "baseline-cnn":  # the CNN baselines pad: any size
         raise UsageError(f"{size}x{size} images are too small for Conv1 and PrimaryCaps ({cfg['KERNEL_SIZE']}x"
                          f"{cfg['KERNEL_SIZE']} kernels, stride 2): the smallest size that works is {smallest}x"
                          f"{smallest} (--image-size {smallest} or more)")

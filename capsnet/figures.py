@@ -234,6 +234,9 @@ def epoch_views(model, data, cfg, device, dtype):
     from torchvision.utils import make_grid
 
     n = min(cfg["RECON_IMAGES"], data.test.rows)
+    if not hasattr(model, "capsules"):  # a CNN baseline (capsnet/baseline.py): the test images alone
+        images = to_float_images(data.test.first_rows(n)[0], cfg["CROP_SIZE"])
+        return make_grid(for_display(images).cpu(), nrow=n, padding=2, pad_value=0.5), None, None
     if data.objects != 1:
         tiles = fig5_tiles(model, *data.test.first_rows(n)[:2])
         return tiles["grid"], None, fig5_caption(tiles)
@@ -336,7 +339,9 @@ def write_figures(model, data, cfg, out):
 
     os.makedirs(out, exist_ok=True)
     written = []
-    if data.objects == 1:
+    if not hasattr(model, "capsules"):
+        print("the model has no capsules (--model baseline-cnn): no capsule figures, only the run's curves")
+    elif data.objects == 1:
         test_images, test_labels = data.test.first_rows(data.test.rows)
         figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"], cfg["CROP_SIZE"])
         _, digit_labels = one_per_class(test_images, test_labels, cfg["NUM_CLASSES"])
