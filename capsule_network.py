@@ -67,7 +67,7 @@ from capsnet.visdom_plots import VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
 # data
-DATASET: str = "mnist"  # mnist, fashion-mnist, kmnist, emnist-balanced, emnist-letters, cifar10, svhn, smallnorb, folder, multimnist
+DATASET: str = "mnist"  # mnist, fashion-mnist, kmnist, emnist-balanced, emnist-letters, cifar10, svhn, smallnorb, folder, multimnist, expanded-mnist, affnist
 DATA_DIR: str = "data"  # where the data set's files are, in torchvision's layouts: DATA_DIR/MNIST/raw, ... (README)
 TRAIN_SIZE: int = 0  # use the first N training images; 0 = all 60,000
 TEST_SIZE: int = 0  # use the first N test images; 0 = all 10,000
@@ -201,6 +201,10 @@ DATASETS = {
     # set is larger: here an epoch is one pair per MNIST training digit, so 0.96 per epoch becomes
     # 0.96 ** 0.1 = 0.996 per epoch. No extra shift: the pairs' own shifts are the augmentation.
     "multimnist": {"shape": (1, 36, 10), "reader": "MNIST", "objects": 2, "settings": {"LR_DECAY": 0.996, "MAX_SHIFT": 0}},
+    # sec. 5.2 (capsnet/affnist.py): MNIST digits at a new random place on a 40x40 canvas every epoch; tested on
+    # the same at fixed places, or on affNIST (its files in DATA_DIR/affNIST, else a generated affNIST-like set)
+    "expanded-mnist": {"shape": (1, 40, 10), "reader": "MNIST", "canvas": 40, "objects": 1, "settings": {"MAX_SHIFT": 0}},
+    "affnist": {"shape": (1, 40, 10), "reader": "MNIST", "canvas": 40, "objects": 1, "settings": {"MAX_SHIFT": 0}},
 }
 
 # lr_decay_note: the paper says only "exponentially decaying learning rate"; the authors' code
@@ -848,7 +852,8 @@ class Trainer:
             row.update({f"{mode}_{k}": v for k, v in meter_values(self.meters[mode]).items()})
         row.update({"train_seconds": round(train_seconds, 3), "test_seconds": round(test_seconds, 3),
                     "train_images_per_s": round(self.train_batches.rows / train_seconds, 1),
-                    "routing_logit_change": changes, "compile": self.compile_choice.choice or "trial"})
+                    "routing_logit_change": changes, "compile": self.compile_choice.choice or "trial",
+                    "test_set": self.data.name})
         return row
 
     def end_epoch(self, state, row):
@@ -857,7 +862,8 @@ class Trainer:
         anyone = f", at least one {row['test_accuracy_any']:.2f}%" if both else ""
         print(f"epoch {epoch}/{state['maxepoch']}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f} "
               f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc{both} "
-              f"{row['test_accuracy']:.2f}%{anyone}  ({row['train_seconds']:.1f}s + {row['test_seconds']:.1f}s)",
+              f"{row['test_accuracy']:.2f}%{anyone}  ({row['train_seconds']:.1f}s + {row['test_seconds']:.1f}s)"
+              + ("" if self.data.name == self.cfg["DATASET"] else f"  [test set: {self.data.name}]"),
               flush=True)
         is_best = self.best_accuracy is None or row["test_accuracy"] > self.best_accuracy
         if is_best:

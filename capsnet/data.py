@@ -580,6 +580,9 @@ def load_data(cfg, device, spec, train=True):
     """cfg's data set on `device` -> Data (without training batches if not `train`). Records what
     the data decides in cfg (saved in checkpoints, so that the model can be rebuilt without the
     data): NUM_CLASSES, IMAGE_CHANNELS, IMAGE_SIZE (as stored) and CLASS_NAMES."""
+    if spec.get("canvas"):  # expanded-mnist, affnist: digits placed on a 40x40 canvas (capsnet/affnist.py)
+        from capsnet.affnist import load_placed
+        return load_placed(cfg, device, spec, train)
     splits = {}
     for split in ("train", "test") if train else ("test",):
         images, labels, classes = load_split(cfg, split == "train", spec)

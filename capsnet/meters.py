@@ -160,9 +160,9 @@ def print_evaluation(result, name, objects, models, seconds):
     then the confusion matrix."""
     images = f"{result['test_images']:,} {'images' if objects == 1 else 'pairs'}, {seconds:.1f}s"
     if objects == 1 and models == 1:
-        print(f"test accuracy {result['test_accuracy']:.2f}%  test loss {result['test_loss']:.4f}  ({images})")
+        print(f"{name}: test accuracy {result['test_accuracy']:.2f}%  test loss {result['test_loss']:.4f}  ({images})")
     elif objects == 1:
-        print(f"ensemble of {models}: test accuracy {result['test_accuracy']:.2f}%  ({images})")
+        print(f"{name}: ensemble of {models}: test accuracy {result['test_accuracy']:.2f}%  ({images})")
     else:
         print(f"{name}: both digits right {result['test_accuracy']:.2f}% (error {100 - result['test_accuracy']:.2f}%), "
               f"at least one right {result['test_accuracy_any']:.2f}%  test loss {result['test_loss']:.4f}  ({images})")

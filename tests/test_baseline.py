@@ -27,6 +27,7 @@ def count(model):
 @pytest.mark.parametrize("dataset, layers, expected", [
     ("mnist", "sec5", 35_445_522),  # the paper, sec. 5: 35.4M
     ("multimnist", "conv-model", 24_535_306),  # conv_model.py at 36x36
+    ("affnist", "conv-model", 29_516_042),  # sec. 5.2's pooled CNN at 40x40
 ])
 def test_the_parameter_counts(dataset, layers, expected):
     """BASELINE_LAYERS auto takes each data set's baseline; its parameters, counted exactly."""
@@ -119,12 +120,12 @@ def test_train_evaluate_visualize_export(tiny_mnist, tmp_path):
     assert rows[0]["routing_logit_change"] == [] and rows[0]["compile"] == "eager"
     last = os.path.join(run, "last.pt")
     done = run_main(["--eval-only", "--resume", last, "--device", "cpu"])
-    assert done.returncode == 0 and "test accuracy" in done.stdout, describe(done)
+    assert done.returncode == 0 and "mnist: test accuracy" in done.stdout, describe(done)
     exported = str(tmp_path / "weights.pt")
     assert run_main(["--export-weights", exported, "--resume", last]).returncode == 0
     done = run_main(["--eval-only", "--resume", exported, "--device", "cpu", "--data-dir", tiny_mnist["root"],
                      "--run-dir", str(tmp_path / "eval"), "--test-size", "20"])
-    assert done.returncode == 0 and "test accuracy" in done.stdout, describe(done)
+    assert done.returncode == 0 and "mnist: test accuracy" in done.stdout, describe(done)
     done = run_main(["--visualize", "--resume", last, "--device", "cpu"])
     assert done.returncode == 0 and "no capsule figures" in done.stdout, describe(done)
     assert os.path.exists(os.path.join(run, "curves.png")) and not os.path.exists(os.path.join(run, "couplings.png"))
