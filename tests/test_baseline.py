@@ -152,3 +152,18 @@ def test_multimnist_steps_with_two_labels(training):
     assert scores.shape == (4, 10) and torch.isfinite(loss)
     present = F.one_hot(pair_labels, 10).sum(1).float()
     torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(scores, present / 2))
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "multimnist"])
+def test_visdoms_epoch_view_shows_the_test_images_alone(tiny_mnist, dataset):
+    """What Visdom gets after an epoch of a baseline: the first test images, no reconstructions,
+    no capsule figures (Fig. 4, masks, couplings, Fig. 5 need capsules)."""
+    from capsnet.figures import epoch_views
+
+    cfg = dict(cn.default_config(), MODEL="baseline-cnn", DATASET=dataset, DATA_DIR=tiny_mnist["root"],
+               TEST_SIZE=20, RECON_IMAGES=4, **cn.DATASETS[dataset]["settings"])
+    data = cn.load_data(cfg, torch.device("cpu"), cn.DATASETS[dataset], train=False)
+    model = cn.build_model(cfg).eval()
+    grid, figures, caption = epoch_views(model, data, cfg, torch.device("cpu"), None)
+    size = cfg["IMAGE_SIZE"]
+    assert grid.shape == (3, size + 4, 4 * (size + 2) + 2) and figures is None and caption is None
