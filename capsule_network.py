@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # support code (capsnet/); multimnist_pairs and two_digit_scores are imported for users' scripts
+from capsnet.baseline import BaselineLoss, build_baseline
 from capsnet.cli import OneLineParser, add_constant_flags, constants_table
 from capsnet.config import DATA_DECIDED, MODEL_KEYS, make_config, settings_lines
 from capsnet.data import (input_size, load_data, multimnist_pairs, nominal_data_settings,  # noqa: F401
@@ -68,7 +69,7 @@ from capsnet.visdom_plots import LiveProgress, VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
 # data
-DATASET: str = "mnist"  # mnist, fashion-mnist, kmnist, emnist-balanced, emnist-letters, cifar10, svhn, smallnorb, folder, multimnist
+DATASET: str = "mnist"  # mnist, fashion-mnist, kmnist, emnist-balanced, emnist-letters, cifar10, svhn, smallnorb, folder, multimnist, expanded-mnist, affnist
 DATA_DIR: str = "data"  # where the data set's files are, in torchvision's layouts: DATA_DIR/MNIST/raw, ... (README)
 TRAIN_SIZE: int = 0  # use the first N training images; 0 = all 60,000
 TEST_SIZE: int = 0  # use the first N test images; 0 = all 10,000
@@ -83,7 +84,7 @@ MULTIMNIST_SHIFT: int = 4  # multimnist: each digit of a pair shifted by up to t
 AUGMENT: str = "none"  # more training augmentation, per image on the device: none, or efficient (Efficient-CapsNet's rotation, shift, squish, erase)
 MULTIMNIST_TEST_PAIRS: int = 1  # multimnist: fixed test images per MNIST test digit (the paper made 1,000)
 # model, as in the paper (sec. 4, Fig. 1 and 2)
-MODEL: str = "capsnet"  # capsnet: the paper's; efficient-capsnet: Mazzia et al. 2021, self-attention routing (capsnet/efficient.py)
+MODEL: str = "capsnet"  # capsnet: the paper's; efficient-capsnet: Mazzia et al. 2021, self-attention routing (capsnet/efficient.py); baseline-cnn: the paper's CNN baselines (capsnet/baseline.py)
 CONV1_CHANNELS: int = None  # Conv1 filters, 9x9, stride 1; None = the data set's (the paper: 256, sec. 4; svhn 64)
 PRIMARY_CAPS: int = None  # primary capsule types (channels of 8-D capsules) on the 6x6 grid; None = the data set's (the paper: 32; cifar10 64, svhn 16)
 PRIMARY_DIM: int = None  # dimension of a primary capsule; None = the data set's (the paper: 8; svhn 6)
@@ -94,6 +95,8 @@ ROUTING_ITERATIONS: int = 3  # routing-by-agreement iterations (paper: 3, sec. 4
 ROUTING_IMPL: str = "factored"  # factored: factored_routing, the same routing computed faster; reference: dynamic_routing as written (slower)
 ROUTING_LEAKY: bool = None  # an extra "none-of-the-above" parent with logit 0 in each child's softmax; None = the data set's (cifar10 on, sec. 7)
 W_INIT_STD: float = 0.01  # standard deviation of the normal initialisation of the W_ij matrices (INIT torch)
+BASELINE_LAYERS: str = "auto"  # baseline-cnn: sec5 (the paper's MNIST baseline), conv-model (the authors' conv_model.py, max-pooled), auto (conv-model for multimnist, expanded-mnist, affnist; else sec5)
+BASELINE_DROPOUT: float = 0.5  # baseline-cnn: dropout before the class layer (the paper names no rate)
 # where the authors' released code (Sarasra/models, research/capsules) differs from the paper's text;
 # off by default, all on with --preset authors (README: "The authors' code")
 INIT: str = "torch"  # torch: PyTorch's layer defaults, W_ij ~ N(0, W_INIT_STD); authors: truncated normals (Conv1 0.05, the rest 0.1), biases 0.1
@@ -189,6 +192,8 @@ DATASET_SETTINGS = {
     # set is larger: here an epoch is one pair per MNIST training digit, so 0.96 per epoch becomes
     # 0.96 ** 0.1 = 0.996 per epoch. No extra shift: the pairs' own shifts are the augmentation.
     "multimnist": {"LR_DECAY": 0.996, "MAX_SHIFT": 0},
+    # sec. 5.2: the digits' places on the 40x40 canvas are their augmentation
+    "expanded-mnist": {"MAX_SHIFT": 0}, "affnist": {"MAX_SHIFT": 0},
 }
 
 
@@ -530,6 +535,8 @@ def build_model(cfg):
     The data's shape comes from load_data; without it (the constants alone), the data set's usual one."""
     if not cfg["IMAGE_SIZE"] or not cfg["IMAGE_CHANNELS"] or not cfg["NUM_CLASSES"]:
         cfg = nominal_data_settings(dict(cfg))
+    if cfg["MODEL"] == "baseline-cnn":  # the paper's CNN baselines (capsnet/baseline.py)
+        return build_baseline(cfg)
     config = CapsNetConfig.from_settings(cfg)
     model = EfficientCapsNet(config) if cfg["MODEL"] == "efficient-capsnet" else CapsuleNet(config)
     return use_cpu_speedups(model, cfg["CPU_DFT_CONV"], cfg["CPU_GEMM_WEIGHT_GRAD"], cfg["CPU_MALLOC_TUNING"])
@@ -545,6 +552,8 @@ def build_optimizer(model, cfg):
 
 
 def build_loss(cfg):
+    if cfg["MODEL"] == "baseline-cnn":
+        return BaselineLoss()
     return CapsuleLoss(cfg["M_PLUS"], cfg["M_MINUS"], cfg["LAMBDA_ABSENT"], cfg["RECON_WEIGHT"],
                        cfg["MARGIN_REDUCTION"])
 
@@ -617,7 +626,7 @@ class BatchLoss:
                 lengths, recon = forward(images, labels if training else None, objects=labels.shape[1])
         if not parts:
             return self.loss_fn(images, labels, lengths, recon), lengths
-        if not training:  # the reconstruction matched to label k compared with part k
+        if not training and recon is not None:  # the reconstruction matched to label k compared with part k
             _, swapped = matched_predictions(lengths.detach(), labels)
             recon = torch.where(swapped[:, None, None, None, None], recon.flip(1), recon)
         present = F.one_hot(labels, lengths.shape[1]).sum(1)  # (B, J): both classes present
@@ -711,9 +720,9 @@ class Trainer:
         self.live.close()
         lr = step_schedule(self.optimizer, self.scheduler, self.cfg["LR_MIN"])
         test_seconds = self.evaluate(record_routing=not changes)
-        row = epoch_row(state["epoch"], lr, self.passes.meters, train_seconds, test_seconds, self.train_batches.rows,
+        row = epoch_row(state["epoch"], lr, self.passes.meters, (train_seconds, test_seconds), self.data,
                         changes or routing_changes(self.model), self.compile_choice.choice or "trial", self.device)
-        print_epoch(row, state["maxepoch"])
+        print_epoch(row, state["maxepoch"], self.cfg["DATASET"])
         self.record.end_epoch(row, lambda: self.checkpoint(state["epoch"]))  # stop signals wait for it
         if self.dist.main and self.visdom.enabled:  # the curves, the confusion matrix and the figures
             views = epoch_views(self.model.eval(), self.data, self.cfg, self.device, self.network.dtype)

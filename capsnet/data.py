@@ -11,6 +11,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from capsnet.affnist import (AFFNIST_NAME, CANVAS, GENERATED_NAME, PlacedBatches, affine_like, affnist_files,
+                             fixed_offsets, place, read_affnist)
 from capsnet.decoders import deconv_base_grid
 from capsnet.efficient import efficient_grid
 from capsnet.runtime import UsageError, part_of
@@ -38,6 +40,11 @@ DATA_SETS = {
     "smallnorb": {"shape": (2, 96, 5), "reader": "smallnorb", "objects": 1},
     "folder": {"shape": (3, 28, 10), "reader": "folder", "objects": 1},
     "multimnist": {"shape": (1, 36, 10), "reader": "MNIST", "objects": 2},
+    # sec. 5.2 (capsnet/affnist.py): MNIST digits at a new random place on a 40x40 canvas every
+    # epoch; tested on the same at fixed places, or on affNIST (its files in DATA_DIR/affNIST,
+    # else a generated affNIST-like set)
+    "expanded-mnist": {"shape": (1, 40, 10), "reader": "MNIST", "canvas": 40, "objects": 1},
+    "affnist": {"shape": (1, 40, 10), "reader": "MNIST", "canvas": 40, "objects": 1},
 }
 
 
@@ -601,6 +608,8 @@ def load_data(cfg, device, train=True):
     """cfg's data set on `device` -> Data (without training batches if not `train`). Records what
     the data decides in cfg (saved in checkpoints, so that the model can be rebuilt without the
     data): NUM_CLASSES, IMAGE_CHANNELS, IMAGE_SIZE (as stored) and CLASS_NAMES."""
+    if DATA_SETS[cfg["DATASET"]].get("canvas"):  # expanded-mnist, affnist: digits on a 40x40 canvas
+        return load_placed(cfg, device, train)
     splits = {}
     for split in ("train", "test") if train else ("test",):
         images, labels, classes = load_split(cfg, split == "train")
@@ -618,6 +627,53 @@ def load_data(cfg, device, train=True):
                                     repeats=cfg["MULTIMNIST_TEST_PAIRS"])
     return DeviceData(cfg["DATASET"], splits.get("train"), splits["test"], cfg["CLASS_NAMES"], cfg["IMAGE_CHANNELS"],
                       input_size(cfg), DATA_SETS[cfg["DATASET"]]["objects"])
+
+
+def mnist_classes():
+    import torchvision.datasets
+
+    return list(torchvision.datasets.MNIST.classes)
+
+
+def load_placed(cfg, device, train=True):
+    """expanded-mnist or affnist (cfg["DATASET"]) on `device` -> DeviceData named by its test set:
+    "expanded-mnist", "affNIST" (the official files) or "affNIST-like (generated)". Records
+    NUM_CLASSES, IMAGE_CHANNELS, IMAGE_SIZE (40) and CLASS_NAMES in cfg as load_data does. A model
+    of another input size (an MNIST checkpoint: 28x28) is refused with one line: its capsules'
+    W_ij and the baseline's first fully connected layer belong to the positions of a 28x28 input,
+    and a central 28x28 crop of a 40x40 image cuts digits off."""
+    name = cfg["DATASET"]
+    if cfg["IMAGE_SIZE"] not in (0, CANVAS):
+        raise UsageError(f"--dataset {name} has {CANVAS}x{CANVAS} images, but this model takes "
+                         f"{cfg['IMAGE_SIZE']}x{cfg['IMAGE_SIZE']} ones (IMAGE_SIZE): a model trained on 28x28 MNIST "
+                         f"cannot read them (its weights belong to the 28x28 positions; a crop cuts digits off); "
+                         f"train on --dataset expanded-mnist and evaluate that checkpoint with --dataset affnist")
+    if cfg["CROP_SIZE"]:
+        raise UsageError(f"--dataset {name}: its digits lie anywhere in the {CANVAS}x{CANVAS} image; leave "
+                         f"--crop-size 0")
+    plain = dict(cfg, IMAGE_SIZE=0)  # the MNIST digits as stored, 28x28
+    train_batches = None
+    if train:
+        if cfg["MAX_SHIFT"]:
+            raise UsageError(f"--max-shift does not apply to {name}: its training digits are placed anywhere in the "
+                             f"{CANVAS}x{CANVAS} image every epoch; leave it 0")
+        digits, labels, classes = load_split(plain, True)
+        resolve_data_settings(cfg, digits.new_zeros((0, CANVAS, CANVAS)), classes)
+        train_batches = PlacedBatches(digits.to(device), labels.to(device), cfg["BATCH_SIZE"])
+    files = affnist_files(cfg["DATA_DIR"]) if name == "affnist" else None
+    if files:
+        images, labels = read_affnist(files, cfg["TEST_SIZE"])
+        classes, test_name = mnist_classes(), AFFNIST_NAME
+    else:
+        digits, labels, classes = load_split(plain, False)
+        if name == "affnist":
+            images, test_name = affine_like(digits), GENERATED_NAME
+        else:
+            images, test_name = place(digits, fixed_offsets(len(digits))), name
+    if not cfg["CLASS_NAMES"]:
+        resolve_data_settings(cfg, images[:0], classes)
+    test = DeviceBatches(images.to(device), labels.to(device), cfg["EVAL_BATCH_SIZE"], shuffle=False)
+    return DeviceData(test_name, train_batches, test, cfg["CLASS_NAMES"], cfg["IMAGE_CHANNELS"], CANVAS, 1)
 
 
 def resolve_data_settings(cfg, images, classes):
@@ -668,7 +724,7 @@ def validate_shape(cfg):
         if efficient_grid(size) < 1:
             raise UsageError(f"{size}x{size} images are too small for Efficient-CapsNet's four convolutions: the "
                              f"smallest size that works is 11x11 (--image-size 11 or more)")
-    elif size < smallest:
+    elif size < smallest and cfg.get("MODEL") != "baseline-cnn":  # the CNN baselines pad: any size
         raise UsageError(f"{size}x{size} images are too small for Conv1 and PrimaryCaps ({cfg['KERNEL_SIZE']}x"
                          f"{cfg['KERNEL_SIZE']} kernels, stride 2): the smallest size that works is {smallest}x"
                          f"{smallest} (--image-size {smallest} or more)")

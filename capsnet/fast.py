@@ -321,7 +321,9 @@ class CompileChoice:
         self.schedule, self.warmup = warmup + kinds * self.TIMED, len(warmup)
         self.step, self.times, self.choice = 0, {k: [] for k in kinds}, None
         self.current, self.started, self.clock = None, 0.0, time.perf_counter
-        if setting != "auto":
+        if not hasattr(model, "routing_to_compile"):  # no routing (the CNN baselines): nothing to compile
+            self.choice = "eager"
+        elif setting != "auto":
             self.choice = {True: "compiled", False: "eager", "step": "step"}[setting]
         elif state:  # resuming: the recorded choice, or the trial where it stopped
             self.choice, self.step = state["choice"], state["step"]
@@ -330,6 +332,8 @@ class CompileChoice:
             self.use(self.choice)
 
     def use(self, kind):
+        if not hasattr(self.model, "routing_to_compile"):
+            return
         use_compiled_routing(self.model, kind != "eager")  # "step": the compiled routing serves the test pass
         if self.network is not None:
             self.network.use_whole_step(kind == "step")

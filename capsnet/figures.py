@@ -234,6 +234,9 @@ def epoch_views(model, data, cfg, device, dtype):
     from torchvision.utils import make_grid
 
     n = min(cfg["RECON_IMAGES"], data.test.rows)
+    if not hasattr(model, "capsules"):  # a CNN baseline (capsnet/baseline.py): the test images alone
+        images = to_float_images(data.test.first_rows(n)[0], cfg["CROP_SIZE"])
+        return make_grid(for_display(images).cpu(), nrow=n, padding=2, pad_value=0.5), None, None
     if data.objects != 1:
         tiles = fig5_tiles(model, *data.test.first_rows(n)[:2])
         return tiles["grid"], None, fig5_caption(tiles)
@@ -336,7 +339,9 @@ def write_figures(model, data, cfg, out):
 
     os.makedirs(out, exist_ok=True)
     written = []
-    if data.objects == 1:
+    if not hasattr(model, "capsules"):
+        print("the model has no capsules (--model baseline-cnn): no capsule figures, only the run's curves")
+    elif data.objects == 1:
         test_images, test_labels = data.test.first_rows(data.test.rows)
         figures = visual_figures(model, test_images, test_labels, cfg["NUM_CLASSES"], cfg["CROP_SIZE"])
         _, digit_labels = one_per_class(test_images, test_labels, cfg["NUM_CLASSES"])
@@ -373,23 +378,28 @@ def write_predictions(paths, images, recon, lengths, names, inverted, run_dir):
     """--predict's output for image files `paths` (their model inputs `images`, reconstructions
     and capsule lengths; `inverted`: which were turned light-on-dark first): the predicted class
     and every class's length printed, in run_dir/predictions.json, and run_dir/predict_<name>.png,
-    the input beside its reconstruction."""
+    the input beside its reconstruction. A model without capsules (the CNN baselines: `recon`
+    None, `lengths` its class scores) gets its softmax probabilities and the input alone."""
     from torchvision.utils import make_grid, save_image
 
     os.makedirs(run_dir, exist_ok=True)
     predictions = []
+    score = "capsule length"
+    if recon is None:  # a CNN baseline: its class probabilities
+        lengths, score = lengths.float().softmax(1), "probability"
     for k, path in enumerate(paths):
         best = int(lengths[k].argmax())
         stem = os.path.splitext(os.path.basename(path))[0]
         picture = os.path.join(run_dir, f"predict_{stem}.png")
-        save_image(make_grid(for_display(torch.stack([images[k], recon[k]])).cpu(), nrow=2, padding=2, pad_value=0.5),
-                   picture)
+        shown = [images[k]] if recon is None else [images[k], recon[k]]
+        save_image(make_grid(for_display(torch.stack(shown)).cpu(), nrow=2, padding=2, pad_value=0.5), picture)
         predictions.append({"image": path, "class": best, "class_name": names[best], "inverted": inverted[k],
-                            "lengths": {name: round(float(v), 4) for name, v in zip(names, lengths[k])},
+                            "lengths" if recon is not None else "probabilities":
+                                {name: round(float(v), 4) for name, v in zip(names, lengths[k])},
                             "picture": picture})
         note = " (a dark digit on a light background: inverted first, as MNIST's are light on black)" \
             if inverted[k] else ""
-        print(f"{path}: class {names[best]} (capsule length {float(lengths[k, best]):.3f}){note}")
+        print(f"{path}: class {names[best]} ({score} {float(lengths[k, best]):.3f}){note}")
         print("  " + "  ".join(f"{name}: {float(v):.3f}" for name, v in zip(names, lengths[k])))
     with open(os.path.join(run_dir, "predictions.json"), "w", encoding="utf-8") as f:
         json.dump(predictions, f, indent=1)

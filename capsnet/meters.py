@@ -181,9 +181,9 @@ def print_evaluation(result, name, objects, models, seconds):
     then the confusion matrix."""
     images = f"{result['test_images']:,} {'images' if objects == 1 else 'pairs'}, {seconds:.1f}s"
     if objects == 1 and models == 1:
-        print(f"test accuracy {result['test_accuracy']:.2f}%  test loss {result['test_loss']:.4f}  ({images})")
+        print(f"{name}: test accuracy {result['test_accuracy']:.2f}%  test loss {result['test_loss']:.4f}  ({images})")
     elif objects == 1:
-        print(f"ensemble of {models}: test accuracy {result['test_accuracy']:.2f}%  ({images})")
+        print(f"{name}: ensemble of {models}: test accuracy {result['test_accuracy']:.2f}%  ({images})")
     else:
         print(f"{name}: both digits right {result['test_accuracy']:.2f}% (error {100 - result['test_accuracy']:.2f}%), "
               f"at least one right {result['test_accuracy_any']:.2f}%  test loss {result['test_loss']:.4f}  ({images})")
@@ -200,26 +200,27 @@ def routing_changes(model):
     return torch.stack(changes).mean(0).tolist() if changes else []
 
 
-def epoch_row(epoch, lr, meters, train_seconds, test_seconds, train_rows, changes, compile_choice, device):
-    """One metrics.jsonl row: the epoch's learning rate, each pass's meters, times and speed, the
-    mean routing logit change per iteration, the compile choice, and the device it ran on. For
-    two-digit images train_accuracy and test_accuracy are both digits right (the paper's score),
-    and *_accuracy_any at least one."""
+def epoch_row(epoch, lr, meters, seconds, data, changes, compile_choice, device):
+    """One metrics.jsonl row: the epoch's learning rate, each pass's meters, times (`seconds`: train,
+    test) and speed on `data` (the run's Data), the mean routing logit change per iteration, the
+    compile choice, the device it ran on and the test set's name (affnist: "affNIST" or
+    "affNIST-like (generated)"). For two-digit images train_accuracy and test_accuracy are both
+    digits right (the paper's score), and *_accuracy_any at least one."""
     row = {"epoch": epoch, "lr": lr}
     for mode in ("train", "test"):
         row.update({f"{mode}_{k}": v for k, v in meter_values(meters[mode]).items()})
-    row.update({"train_seconds": round(train_seconds, 3), "test_seconds": round(test_seconds, 3),
-                "train_images_per_s": round(train_rows / train_seconds, 1), "routing_logit_change": changes,
-                "compile": compile_choice, "device_name": device_name(device)})
+    row.update({"train_seconds": round(seconds[0], 3), "test_seconds": round(seconds[1], 3),
+                "train_images_per_s": round(data.train.rows / seconds[0], 1), "routing_logit_change": changes,
+                "compile": compile_choice, "device_name": device_name(device), "test_set": data.name})
     return row
 
 
-def print_epoch(row, epochs):
-    """The epoch's line on the terminal."""
+def print_epoch(row, epochs, dataset):
+    """The epoch's line on the terminal; the test set named where it is not the data set's own."""
     both = " (both digits)" if "test_accuracy_any" in row else ""
     anyone = f", at least one {row['test_accuracy_any']:.2f}%" if both else ""
     print(f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f} "
           f"acc {row['train_accuracy']:.2f}%  test loss {row['test_loss']:.4f} acc{both} "
-          f"{row['test_accuracy']:.2f}%{anyone}  ({row['train_seconds']:.1f}s + {row['test_seconds']:.1f}s)",
-          flush=True)
+          f"{row['test_accuracy']:.2f}%{anyone}  ({row['train_seconds']:.1f}s + {row['test_seconds']:.1f}s)"
+          + ("" if row["test_set"] == dataset else f"  [test set: {row['test_set']}]"), flush=True)
 

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from capsnet.baseline import baseline_line
 from capsnet.config import MODEL_KEYS
 from capsnet.data import DATA_SETS, load_data, read_images_as_data, to_float_images
 from capsnet.efficient import EfficientBody
@@ -68,6 +69,8 @@ def authors_choices(cfg):
 def model_line(model, device, amp, data, cfg=None):
     """The start-up line: the model, the device, the arithmetic and why (amp_choice's text), the data,
     and the authors' choices that are on."""
+    if not hasattr(model, "capsules"):  # the CNN baselines
+        return baseline_line(model, device, amp, data)
     choices = authors_choices(cfg) if cfg is not None else []
     name = "Efficient-CapsNet" if isinstance(model, EfficientBody) else "CapsNet"
     if model.config.routing_bf16:

@@ -280,7 +280,7 @@ def test_eval_only_and_visualize_on_the_fixed_test_pairs(pair_run, tmp_path):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--dataset", "cifar100"], "--dataset must be one of mnist, fashion-mnist, kmnist, emnist-balanced, "
-                                "emnist-letters, cifar10, svhn, smallnorb, folder, multimnist, not 'cifar100'"),
+                                "emnist-letters, cifar10, svhn, smallnorb, folder, multimnist, expanded-mnist, affnist, not 'cifar100'"),
     (["--dataset", "multimnist", "--max-shift", "2"], "--max-shift does not apply to multimnist"),
     (["--dataset", "multimnist", "--multimnist-shift", "5"], "--multimnist-shift must be in [0, 4]"),
     (["--dataset", "multimnist", "--multimnist-test-pairs", "0"], "--multimnist-test-pairs must be >= 1"),
