@@ -14,9 +14,10 @@ from capsnet.config import MODEL_KEYS
 from capsnet.data import DATA_SETS, load_data, read_images_as_data, to_float_images
 from capsnet.efficient import EfficientBody
 from capsnet.explore import add_explore_flags
+from capsnet.fast import model_to_device
 from capsnet.figures import write_figures, write_predictions
 from capsnet.meters import PassStats, meter_values, pass_meters, print_evaluation
-from capsnet.fast import model_to_device
+from capsnet.primary import write_primary_figure
 from capsnet.runtime import UsageError, amp_dtype, atomic_torch_save, load_weights, setup_process, sync
 
 
@@ -148,12 +149,16 @@ def member_config(cfg, ckpt):
 
 
 def run_visualize(cfg, ckpt, build_model):
-    """--visualize: the figures of the checkpoint's model and of its run's metrics (write_figures)."""
+    """--visualize: the figures of the checkpoint's model and of its run's metrics (write_figures),
+    and for a capsule model of one object per image the primary-capsule reconstructions
+    (capsnet/primary.py, which trains a small decoder first)."""
     device, _ = setup_process(cfg)
     data = load_data(cfg, device, train=False)
     model = build_model(cfg).to(device)
     load_weights(model, ckpt["model"])
     written = write_figures(model, data, cfg, cfg["RUN_DIR"])
+    if hasattr(model, "capsules") and data.objects == 1:  # a capsule model of one object per image
+        written += write_primary_figure(model.eval(), data, cfg, cfg["RUN_DIR"])
     print("wrote " + ", ".join(written))
     return written
 

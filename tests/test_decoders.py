@@ -60,3 +60,33 @@ def test_a_tiny_deconv_run_with_a_leaky_conv1_trains_resumes_and_evaluates(tiny_
     assert done.returncode == 0 and [r["epoch"] for r in read_rows(run)] == [1, 2], describe(done)
     done = run_main(["--eval-only", "--resume", last])
     assert done.returncode == 0 and "test accuracy" in done.stdout, describe(done)
+
+
+def test_decoder_batch_norm_sits_where_ethanleets_code_puts_it_and_is_counted():
+    """DECODER_BN: a BatchNorm before each hidden ReLU (fc: after both hidden Linear layers; deconv:
+    after its Linear and after each transposed convolution but the last), never on the output;
+    2 parameters per normalised feature or channel; the same for Efficient-CapsNet's decoder."""
+    def layers(model):
+        return [type(m).__name__ for m in model.decoder.modules() if not isinstance(m, torch.nn.Sequential)
+                and m is not model.decoder]
+
+    plain, normed = cn.CapsuleNet(), cn.CapsuleNet(cn.CapsNetConfig(decoder_bn=True))
+    assert layers(normed) == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "Sigmoid"]
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(normed) - count(plain) == 2 * (512 + 1024) and count(normed) == 8_218_640
+    deconv = cn.CapsuleNet(cn.CapsNetConfig(decoder="deconv", decoder_bn=True))
+    assert layers(deconv) == ["Linear", "BatchNorm1d", "ReLU", "ConvTranspose2d", "BatchNorm2d", "ReLU",
+                              "ConvTranspose2d", "BatchNorm2d", "ReLU", "ConvTranspose2d", "Sigmoid"]
+    assert sum(p.numel() for p in deconv.decoder.parameters()) == 250_121 + 2 * (10 * 6 * 6 + 32 + 64)
+    for decoder in ("fc", "deconv"):
+        cfg = cn.default_config(MODEL="efficient-capsnet", DECODER=decoder)
+        with_bn = cn.build_model(dict(cfg, DECODER_BN=True))
+        extra = 2 * (512 + 1024) if decoder == "fc" else 2 * (360 + 32 + 64)
+        assert count(with_bn) - count(cn.build_model(cfg)) == extra
+        with torch.no_grad():
+            lengths, recon = with_bn.eval()(torch.rand(2, 1, 28, 28))
+        assert recon.shape == (2, 1, 28, 28)
+    # the flag reaches the model; without it the layers keep the names checkpoints were saved with
+    assert [k for k in cn.build_model(cn.default_config(DECODER_BN=True)).state_dict() if "decoder.1." in k]
+    assert [k for k in plain.state_dict() if k.startswith("decoder.")] == [
+        f"decoder.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]

@@ -107,12 +107,18 @@ def test_visualize_writes_the_figures(trained_run, tmp_path):
     done = run_script(["--visualize", "--resume", os.path.join(run, "last.pt")])
     assert done.returncode == 0, describe(done)
     names = [f"fig4_digit{k}.png" for k in range(10)] + ["class_masks.png", "couplings.png", "curves.png",
-                                                         "routing_logit_change.png", "rotation.png"]
+                                                         "routing_logit_change.png", "rotation.png",
+                                                         "primary_capsules.png"]
     for name in names:
         assert name in done.stdout, name
         size = assert_png(os.path.join(run, name))
         if name.startswith("fig4"):
             assert size == (11 * 29 + 1, 16 * 29 + 1)  # 11 steps across, 16 dimensions down
+        if name == "primary_capsules.png":  # 3 test images x 6 capsules down; input, all, 6 scales across
+            assert size == (8 * 30 + 2, 18 * 30 + 2)
+    summary = json.load(open(os.path.join(run, "primary_capsules.json")))
+    assert summary["train_images"] == 200 and len(summary["decoder_error_per_epoch"]) == 5
+    assert [len(image["capsules"]) for image in summary["images"]] == [6, 6, 6]
 
 
 def test_visualize_without_matplotlib_writes_the_rest_and_warns_once(trained_run, tmp_path, monkeypatch, capsys):
