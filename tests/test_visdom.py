@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import N_TEST, SCRIPT, describe, read_rows, run_main, train_args
+from conftest import N_TEST, SCRIPT, copy_run, describe, read_rows, run_main, train_args
 from capsnet import visdom_plots  # noqa: E402
 
 ENV = "testenv"
@@ -338,3 +338,24 @@ def test_requests_leave_from_a_thread_of_their_own_in_order(capsys):
     assert len(sent) == 4 and not plots.enabled
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: Visdom stopped answering (ConnectionError); training goes on without live plots"]
+
+
+def test_visualize_sends_the_primary_capsule_figure_to_visdom(visdom_server, trained_run, tmp_path):
+    """--visualize with a Visdom server: the primary-capsule figure (capsnet/primary.py) is also an
+    image window of the run's environment, the same pixels as primary_capsules.png."""
+    from PIL import Image
+
+    run = copy_run(trained_run["dir"], tmp_path / "vis")
+    done = run_main(["--visualize", "--resume", os.path.join(run, "last.pt"), "--visdom", "--visdom-server",
+                     "127.0.0.1", "--visdom-port", visdom_server, "--visdom-env", "primaryenv"])
+    assert done.returncode == 0, describe(done)
+    assert not visdom_warnings(done.stderr)
+    win = window(visdom_server, "primary_capsules", env="primaryenv")
+    assert win["type"] == "image" and "primary capsules" in win["title"]
+    import base64
+    import io
+
+    sent = Image.open(io.BytesIO(base64.b64decode(win["content"]["src"].split(",", 1)[1]))).convert("RGB")
+    written = Image.open(os.path.join(run, "primary_capsules.png")).convert("RGB")
+    assert sent.size == written.size  # the same pixels, each rounded (save_image) or cut (Visdom) to 8 bits
+    assert max(abs(a - b) for a, b in zip(sent.tobytes(), written.tobytes())) <= 1
