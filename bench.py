@@ -327,7 +327,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     errors = {f"{kind}_error": w.error for kind, w in started.items() if w.error}  # e.g. a MemoryError
     result = {
         "device": str(device), "device_name": runtime.device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
-        "model": cfg["MODEL"], "preset": cfg["PRESET"], "decoder": cfg["DECODER"], "parameters": sum(p.numel() for p in model.parameters()),
+        "model": cfg["MODEL"], "preset": cfg["PRESET"],
+        "decoder": cfg["DECODER"] if cfg["MODEL"] != "baseline-cnn" else None, "parameters": sum(p.numel() for p in model.parameters()),
         "dataset": cfg["DATASET"], "input": f"{model.image_size}x{model.image_size}", "channels": model.in_channels,
         "classes": model.num_classes,
         "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
@@ -344,7 +345,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
         **errors,
     }
     preset = f", preset {cfg['PRESET']}" if cfg["PRESET"] else ""
-    print(f"{cfg['MODEL']} ({cfg['DECODER']} decoder, {result['parameters']:,} parameters{preset}), device "
+    decoder = f"{cfg['DECODER']} decoder, " if cfg["MODEL"] != "baseline-cnn" else ""
+    print(f"{cfg['MODEL']} ({decoder}{result['parameters']:,} parameters{preset}), device "
           f"{result['device_name']}, {result['dtype']}{', routing products in bf16' if cfg['ROUTING_BF16'] else ''}, "
           f"{cfg['DATASET']} {model.in_channels}x{result['input']} "
           f"({model.num_classes} classes), "
