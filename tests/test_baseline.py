@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from capsnet import baseline, fast
-from conftest import cn, describe, run_main, train_args
+from conftest import cn, describe, read_rows, run_main, train_args
 
 BASELINE = ["--model", "baseline-cnn"]
 
@@ -172,3 +172,36 @@ def test_visdoms_epoch_view_shows_the_test_images_alone(tiny_mnist, dataset):
     grid, figures, caption = epoch_views(model, data, cfg, torch.device("cpu"), None)
     size = cfg["IMAGE_SIZE"]
     assert grid.shape == (3, size + 4, 4 * (size + 2) + 2) and figures is None and caption is None
+
+
+def test_two_processes_train_the_baseline_as_one(tiny_mnist, tmp_path):
+    """torchrun with 2 gloo processes trains the baseline CNN as one process does (dropout off, so
+    that the two runs draw nothing the world size could change): the same metrics, and the same
+    weights to 1e-4 (the gradient of a 12x12 sec5 network's first fully connected layer is summed in
+    another order over two shards, and Adam scales its smallest entries up)."""
+    from test_distributed import same_rows, same_weights, torchrun
+
+    small = [*BASELINE, "--image-size", "12", "--train-size", "40", "--test-size", "20", "--baseline-dropout", "0"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    done = run_main(train_args(tiny_mnist["root"], one, *small, epochs=1))
+    assert done.returncode == 0, describe(done)
+    done = torchrun(train_args(tiny_mnist["root"], two, *small, epochs=1))
+    assert done.returncode == 0, describe(done)
+    assert "torchrun: 2 processes (gloo)" in done.stdout and "baseline CNN (sec5" in done.stdout
+    same_rows(read_rows(two), read_rows(one))
+    same_weights(os.path.join(two, "last.pt"), os.path.join(one, "last.pt"), tolerance=1e-4)
+
+
+def test_bench_times_the_baseline(tmp_path):
+    """bench.py --model baseline-cnn: this model timed through the trainer's configuration, its
+    parameter count in the report, no decoder named."""
+    from test_benchmark import TINY, run_bench
+
+    out = tmp_path / "b.json"
+    done = run_bench([*TINY, "--model", "baseline-cnn", "--image-size", "12", "--no-benchmark-baseline",
+                      "--no-benchmark-direct", "--json", out], tmp_path)
+    assert done.returncode == 0, describe(done)
+    result = json.loads(out.read_text())
+    assert result["model"] == "baseline-cnn" and result["decoder"] is None
+    assert result["parameters"] == sum(p.numel() for p in baseline_model(IMAGE_SIZE=12).parameters())
+    assert result["train_images_per_s"] > 0 and "baseline-cnn (8,575,762 parameters)" in done.stdout
