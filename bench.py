@@ -202,8 +202,8 @@ def benchmark_worker(cfg, kind):
 
 class WorkerProgram:
     """A benchmark_worker in a fresh process with the default environment (nothing inherited from
-    this process's settings; the direct CapsuleNet still sets the allocator itself, as it would in
-    a user's script): same interface as StepTimer, and None-safe when it fails."""
+    this process's settings; the direct CapsuleNet gets fast.use_cpu_speedups, allocator included,
+    as a user's script would call it): same interface as StepTimer, and None-safe when it fails."""
 
     def __init__(self, cfg, kind):
         self.kind, self.error = kind, None

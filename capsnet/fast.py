@@ -24,7 +24,8 @@ def use_cpu_speedups(model, dft_conv=True, gemm_weight_grad=True, malloc_tuning=
     weight gradient as one GEMM (gemm_weight_grad), through its public `conv_path`; and glibc's
     allocator tuned for this process (malloc_tuning) at the first CPU forward. The script's
     build_model calls it with CPU_DFT_CONV, CPU_GEMM_WEIGHT_GRAD and CPU_MALLOC_TUNING; a script of
-    your own may too. Models without a conv_path (Efficient-CapsNet) get the allocator only."""
+    your own may too. Models without a conv_path (Efficient-CapsNet, the CNN baselines) are left as
+    they are (the trainer's setup_process tunes the allocator for every model)."""
     if hasattr(model, "conv_path"):
         model.conv_path = CpuConvPath(dft_conv, gemm_weight_grad, malloc_tuning)
     return model
