@@ -9,22 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 DATA=${2:-data}
-work=$(mktemp -d)
-port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$PY" -m visdom.server -port "$port" -bind_local -env_path "$work/env" >"$work/server.log" 2>&1 &
-server=$!
-explore=
-trap 'kill $explore $server 2>/dev/null || true' EXIT
-until "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; do sleep 0.5; done
-set -m  # the explorer in a job of its own, so that Ctrl-C (SIGINT) reaches it
-"$PY" capsule_network.py --explore --resume results/capsnet-mnist.pt --data-dir "$DATA" --device cpu \
-    --visdom-server 127.0.0.1 --visdom-port "$port" >"$work/explore.out" 2>"$work/explore.err" &
-explore=$!
-set +m
-until grep -q "Visdom: explore at" "$work/explore.out"; do
-    kill -0 $explore 2>/dev/null || { cat "$work/explore.err" >&2; exit 1; }
-    sleep 1
-done
+EXTRA=${EXTRA:-}
+. results/explore-serve.sh  # the server and the explorer, serving
 "$PY" -c "
 import time
 from capsnet.explore import send_as_browser

@@ -10,24 +10,8 @@ DATA=${2:-data}
 OUT=${3:-results/explore-visdom.png}
 ENV=capsnet_explore
 EXTRA=${EXTRA:-}  # more flags for the explorer, e.g. EXTRA="--test-size 1000"
-work=$(mktemp -d)
-port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-
-"$PY" -m visdom.server -port "$port" -bind_local -env_path "$work/env" >"$work/server.log" 2>&1 &
-server=$!
-explore=
-trap 'kill $explore $server 2>/dev/null || true' EXIT
-until "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; do sleep 0.5; done
-
-set -m  # the explorer in a job of its own: a background command of a script would ignore Ctrl-C (SIGINT)
-"$PY" capsule_network.py --explore --resume results/capsnet-mnist.pt --data-dir "$DATA" --device cpu \
-    --visdom-server 127.0.0.1 --visdom-port "$port" --explore-index 0 $EXTRA >"$work/explore.out" 2>"$work/explore.err" &
-explore=$!
-set +m
-until grep -q "Visdom: explore at" "$work/explore.out"; do
-    kill -0 $explore 2>/dev/null || { cat "$work/explore.err" >&2; exit 1; }
-    sleep 1
-done
+EXTRA="--explore-index 0 $EXTRA"
+. results/explore-serve.sh  # the server and the explorer, serving
 
 # two dimensions changed as the page sends it: PropertyUpdate of the controls pane's row 2 + d, its
 # value the position of the change among -0.30, -0.25, ..., +0.30 (11: +0.25, 2: -0.20)
