@@ -438,6 +438,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.worker:
         print("bench.py: error: the benchmark times one process; run it with python, not torchrun", file=sys.stderr)
         return 2
+    cfg = {}
     try:
         cfg = make_config(args)
         if args.worker:
@@ -450,6 +451,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # this process's shape does not fit: one line, exit 3 (the trainer's code)
+        if not runtime.is_out_of_memory(e):
+            raise
+        print(f"bench.py: error: out of memory ({type(e).__name__}) at --batch-size {cfg.get('BATCH_SIZE', '?')}, "
+              f"--eval-batch-size {cfg.get('EVAL_BATCH_SIZE', '?')}: lower them", file=sys.stderr)
+        return 3
     return 0
 
 

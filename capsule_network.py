@@ -62,9 +62,10 @@ from capsnet.figures import epoch_views
 from capsnet.meters import PassMeters, epoch_row, matched_predictions, print_epoch, routing_changes, two_digit_scores  # noqa: F401,E501
 from capsnet.modes import (add_mode_flags, authors_choices, export_weights, model_line, resolve_resume,  # noqa: F401
                            run_eval, run_predict, run_visualize)
-from capsnet.runtime import (Distributed, RunRecord, UsageError, amp_choice, amp_dtype, autocast, choose_run_dir,
-                             how_it_ended, load_checkpoint, prepare_run_dir, resume_training, rng_state,
-                             setup_process, step_schedule, stop_signals, sync, truncate_metrics, wrap_ddp)
+from capsnet.runtime import (Distributed, RunRecord, UsageError, amp_choice, amp_dtype, autocast, check_position,
+                             choose_run_dir, finite_weights, how_it_ended, load_checkpoint, prepare_run_dir,
+                             resume_training, rng_state, setup_process, step_schedule, stop_signals, sync,
+                             truncate_metrics, wrap_ddp)
 from capsnet.visdom_plots import LiveProgress, VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
@@ -682,8 +683,8 @@ class Trainer:
             self.plan = self.train_batches.plan()  # this epoch's order (and pairs) of the data
         else:  # the epoch a mid-epoch checkpoint stopped in goes on where it was, drawing nothing new
             part, self.partial = self.partial, None
-            self.plan, self.model.logit_changes, seconds = self.record.restore_position(part, self.passes.stats, self.device)
-            self.live.start_pass(part["batch"], part["last_totals"])
+            self.plan, self.model.logit_changes, seconds = self.record.restore_position(
+                part, self.passes.stats, self.live, self.device, self.train_batches.rows)
             self.epoch_started -= seconds
         batches = self.train_batches.batches(self.plan, self.live.batch)
         desc = f"epoch {state['epoch'] + 1}/{state['maxepoch']} train"
@@ -698,8 +699,8 @@ class Trainer:
         self.passes.stats.add(loss, state["output"], labels)
         totals = self.live.due(self.passes.stats)
         if totals is not None:
-            if totals[3] >= 0 and state["train"]:
-                self.diverged(state["epoch"] + 1, totals[3] + 1)
+            if state["train"]:
+                self.diverged(state["epoch"] + 1, totals[3])
             self.live.show(totals, state["epoch"] if state["train"] else None, len(self.train_batches))
 
     def on_update(self, state):
@@ -709,11 +710,7 @@ class Trainer:
             self.stop_here(state)
 
     def on_end_epoch(self, state):
-        bad = self.passes.stats.totals()[3]  # the epoch's last batches, since the last progress update
-        if bad >= 0:
-            self.diverged(state["epoch"], bad + 1)
-        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
-            self.diverged(state["epoch"], None)  # a non-finite gradient in the last step
+        self.diverged(state["epoch"], self.passes.stats.totals()[3], True)  # since the last progress update
         train_seconds = time.perf_counter() - self.epoch_started
         changes = routing_changes(self.model)  # none from the whole compiled step: then the test pass's
         self.passes.finish("train", self.dist)
@@ -735,17 +732,21 @@ class Trainer:
         epochs it holds the completed epoch already). Then stop with Preempted."""
         where = f"after epoch {state['epoch']}"
         if not between_epochs:
+            self.diverged(state["epoch"] + 1, self.passes.stats.totals()[3])  # no non-finite position is written
             self.live.close()
             self.record.save_position(self.checkpoint(state["epoch"]), self.live, self.passes.stats, self.plan,
                                       self.model.logit_changes, time.perf_counter() - self.epoch_started)
             where = f"in epoch {state['epoch'] + 1} after batch {self.live.batch} of {len(self.train_batches)}"
         raise self.record.preempted(self.stop, where)
 
-    def diverged(self, epoch, batch):
-        """Stop the run (RunRecord.diverged): the loss of `batch` of `epoch` (or, batch None, the
-        weights) was not finite. Nothing of this epoch is written."""
-        self.live.close()  # cleared: the error is the terminal's last line
-        raise self.record.diverged(epoch, batch, self.optimizer.param_groups[0]["lr"])
+    def diverged(self, epoch, bad, weights=False):
+        """Stop the run (RunRecord.diverged) if in any process the loss of a batch of `epoch` was not
+        finite (`bad`: this process's first such batch from 0, or -1), or, `weights`, a weight is
+        not (a non-finite gradient in the last step). Nothing of this epoch is written."""
+        bad = self.dist.earliest(bad, self.device)  # under torchrun every process stops here alike
+        if bad >= 0 or (weights and not finite_weights(self.model)):
+            self.live.close()  # cleared: the error is the terminal's last line
+            raise self.record.diverged(epoch, bad + 1 if bad >= 0 else None, self.optimizer.param_groups[0]["lr"])
 
     def evaluate(self, record_routing=False):  # model.eval() and no_grad: torchnet's Engine.test does neither
         started = time.perf_counter()
@@ -777,6 +778,7 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=Non
     cfg["RUN_DIR"] = choose_run_dir(cfg["RUN_DIR"], ckpt, dist, fresh=ckpt is None and not resume_auto)
     if where is not None:
         where["run_dir"] = cfg["RUN_DIR"]
+    check_position(ckpt, cfg)  # a mid-epoch checkpoint: the settings that made its epoch's batches
     data = load_data(cfg, device)  # bad data: one line, and nothing written
     prepare_run_dir(cfg["RUN_DIR"], ckpt, dist)
     last = data.train.rows % cfg["BATCH_SIZE"]
@@ -796,14 +798,12 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=Non
         print(line)
     print(f"{model_line(model, device, amp_choice(device, cfg['AMP'])[1], data, cfg)}; seed {cfg['SEED']}, run dir {cfg['RUN_DIR']}")
     if dist.enabled:
-        print(f"torchrun: {dist.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), each computing "
-              f"{cfg['BATCH_SIZE'] // dist.world} of the {cfg['BATCH_SIZE']} images of every batch")
+        print(dist.describe(device, cfg["BATCH_SIZE"]))
     if start_epoch >= cfg["EPOCHS"]:
         print(f"nothing to do: the checkpoint is at epoch {start_epoch} and --epochs is {cfg['EPOCHS']}")
         return
-    compile_state = ckpt.get("compile_choice") if ckpt is not None else None
-    trainer = Trainer(cfg, device, model, optimizer, scheduler, data, start_epoch, best, compile_state, dist,
-                      ckpt.get("partial") if ckpt is not None else None)
+    saved = ckpt or {}  # a resumed run's compile choice, and its position inside an epoch
+    trainer = Trainer(cfg, device, model, optimizer, scheduler, data, start_epoch, best, saved.get("compile_choice"), dist, saved.get("partial"))
     finished = False
     try:
         with stop_signals() as trainer.stop:

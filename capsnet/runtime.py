@@ -194,6 +194,21 @@ def load_checkpoint(path):
     raise UsageError(f"--resume: {path} holds neither a checkpoint nor a model state dict")
 
 
+def non_finite(ckpt):
+    """The name of the first weight, or Adam state, of a checkpoint dict that is NaN or infinite;
+    None when all are finite."""
+    tensors = list(ckpt["model"].items())
+    for index, state in ckpt.get("optimizer", {}).get("state", {}).items():
+        tensors += [(f"Adam's {key} of parameter {index}", v) for key, v in state.items() if torch.is_tensor(v)]
+    bad = [name for name, v in tensors if v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad[0] if bad else None
+
+
+def finite_weights(model):
+    """Whether every parameter of `model` is finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
 def load_weights(model, state):
     """Load a state dict into `model`; weights that do not fit, or are not finite (a diverged
     run's), are one UsageError line."""
@@ -241,6 +256,18 @@ class Distributed:
         tdist.all_reduce(box, op=tdist.ReduceOp.MAX)
         return bool(box.item())
 
+    def earliest(self, index, device):
+        """The smallest `index` >= 0 of all processes, or -1 where none has one (one collective;
+        without torchrun, index): every process then stops at the same batch, with the same line."""
+        if not self.enabled:
+            return index
+        import torch.distributed as tdist
+
+        none = 2 ** 62
+        box = torch.tensor([index if index >= 0 else none], device=device)
+        tdist.all_reduce(box, op=tdist.ReduceOp.MIN)
+        return -1 if int(box.item()) == none else int(box.item())
+
     def start(self, device):
         """Join the group: NCCL on CUDA, gloo on the CPU."""
         if self.enabled and not self.started:
@@ -248,6 +275,11 @@ class Distributed:
 
             tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.started = True
+
+    def describe(self, device, batch):
+        """The start-up line of a torchrun job."""
+        return (f"torchrun: {self.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), each computing "
+                f"{batch // self.world} of the {batch} images of every batch")
 
     def barrier(self):
         """Wait until every process is here: before they leave the group together (a process that
@@ -459,11 +491,12 @@ class RunRecord:
         is_best = self.best_accuracy is None or row["test_accuracy"] > self.best_accuracy
         if is_best:
             self.best_accuracy = row["test_accuracy"]
+        ckpt = checkpoint()  # checked in every process (their weights are the same) before anything is written
+        self.refuse_non_finite(ckpt, row["epoch"])
         self.saved_epoch = row["epoch"]
         if self.dist.main:
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-            ckpt = checkpoint()
             if is_best:
                 atomic_torch_save(ckpt, os.path.join(self.run_dir, "best.pt"))
             atomic_torch_save(ckpt, self.last)
@@ -473,6 +506,7 @@ class RunRecord:
         """last.pt with a mid-epoch position (Trainer.stop_here): the batches done (`live`, a
         LiveProgress), every process's pass sums so far (`stats`, a PassStats), the epoch's `plan`
         of the data, the routing changes recorded and the seconds trained; every process waits."""
+        self.refuse_non_finite(ckpt, ckpt["epoch"] + 1)
         partial = {"batch": live.batch, "stats": self.dist.gather(stats.snapshot()), "last_totals": live.last_totals,
                    "plan": plan and {k: v.cpu() for k, v in plan.items()},
                    "logit_changes": [c.cpu() for c in logit_changes], "seconds": seconds}
@@ -480,11 +514,18 @@ class RunRecord:
             atomic_torch_save(dict(ckpt, partial=partial), self.last)
         self.dist.barrier()
 
-    def restore_position(self, part, stats, device):
+    def restore_position(self, part, stats, live, device, rows):
         """A saved position back: `stats` restored (this process's share, or under a changed world
-        every share on rank 0) -> (the plan on `device`, the routing changes, the seconds trained)."""
+        every share on rank 0), `live` (LiveProgress) at its batch -> (the plan on `device`, the
+        routing changes, the seconds trained). Its plan must cover the `rows` images of the training
+        set (else one UsageError line)."""
+        planned = len(part["plan"]["order"]) if part["plan"] else rows
+        if planned != rows:
+            raise UsageError(f"--resume {self.last}: the epoch it stopped in was ordered over {planned} training "
+                             f"images, and the training set now has {rows}: resume with the data it was trained on")
         shares = part["stats"]
         stats.restore([shares[self.dist.rank]] if len(shares) == self.dist.world else shares if self.dist.main else [])
+        live.start_pass(part["batch"], part["last_totals"])
         plan = part["plan"] and {k: v.to(device) for k, v in part["plan"].items()}
         return plan, [c.to(device) for c in part["logit_changes"]], part["seconds"]
 
@@ -494,11 +535,18 @@ class RunRecord:
         return Preempted(caught[0] if caught else signal.SIGTERM, f"stopped by {name} {where}: {self.last} holds the "
                          f"run up to there; continue with --resume {self.last}")
 
-    def diverged(self, epoch, batch, lr):
-        """The error that ends a run whose loss at `batch` of `epoch` (or, batch None, whose weights)
-        was not finite; last.pt and best.pt keep the last finite epoch."""
+    def refuse_non_finite(self, ckpt, epoch):
+        """Raise diverged() rather than write `ckpt`, a checkpoint of (a part of) `epoch`, if any of its
+        weights or Adam's state is NaN or infinite: the last good checkpoint is never overwritten."""
+        name = non_finite(ckpt)
+        if name is not None:
+            raise self.diverged(epoch, None, ckpt["optimizer"]["param_groups"][0]["lr"], f" ({name})")
+
+    def diverged(self, epoch, batch, lr, which=""):
+        """The error that ends a run whose loss at `batch` of `epoch` (or, batch None, whose weights:
+        `which`) was not finite; last.pt and best.pt keep the last finite epoch."""
         what = f"training loss became NaN or infinite at epoch {epoch}, batch {batch}" if batch else \
-            f"weights became NaN or infinite in epoch {epoch}"
+            f"weights became NaN or infinite{which} in epoch {epoch}"
         kept = f"{self.last} keeps epoch {self.saved_epoch}" if self.saved_epoch else "no checkpoint was written"
         return NonFiniteLoss(f"the {what} (learning rate {lr:.3g}): the run diverged; {kept}; lower --lr, or resume "
                              f"an earlier checkpoint")
@@ -534,6 +582,23 @@ def prepare_run_dir(run_dir, ckpt, dist):
         for name in os.listdir(run_dir):
             if ".pt.tmp" in name:
                 os.remove(os.path.join(run_dir, name))
+
+
+POSITION_KEYS = ("DATASET", "TRAIN_SIZE", "BATCH_SIZE")  # what an epoch's order and batches are made from
+
+
+def check_position(ckpt, cfg):
+    """A checkpoint written inside an epoch (its `partial` position) goes on only with the settings
+    that made that epoch's order and batches: else one UsageError line naming the setting (the
+    training set's size is checked again when the position is restored: RunRecord.restore_position).
+    --seed changes nothing on resume: the random state is the checkpoint's."""
+    part = (ckpt or {}).get("partial")
+    for key in POSITION_KEYS if part else ():
+        if cfg[key] != ckpt["config"].get(key, cfg[key]):
+            raise UsageError(f"--resume {ckpt['path']}: the run stopped inside epoch {ckpt['epoch'] + 1}, after batch "
+                             f"{part['batch']}; --{key.lower().replace('_', '-')} {cfg[key]} (the checkpoint's "
+                             f"{ckpt['config'][key]}) would change that epoch's order and batches: resume without "
+                             f"it, and change it when resuming from the end of an epoch")
 
 
 def resume_training(ckpt, cfg, model, optimizer, scheduler, device):
