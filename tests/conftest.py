@@ -154,6 +154,29 @@ def train_args(data_root, run_dir, *extra, epochs=2):
             "--compile", "off", *SMALL_ARCH, *SMALL_BATCHES, *extra]
 
 
+def backend_flags():
+    """The global backend settings setup_process changes on CUDA: cudnn.benchmark and TF32, read
+    through the API this torch has (reading the old one after the new was set raises)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        return {"benchmark": cudnn.benchmark, "matmul": matmul.fp32_precision, "conv": cudnn.conv.fp32_precision}
+    return {"benchmark": cudnn.benchmark, "matmul": matmul.allow_tf32, "conv": cudnn.allow_tf32}
+
+
+@pytest.fixture
+def restore_backend_flags():
+    """Put back cudnn.benchmark and TF32 after a test that sets them (a CUDA run in this process,
+    setup_process), so that the tests after it compute as before."""
+    saved = backend_flags()
+    yield saved
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    cudnn.benchmark = saved["benchmark"]
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision, cudnn.conv.fp32_precision = saved["matmul"], saved["conv"]
+    else:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved["matmul"], saved["conv"]
+
+
 def read_rows(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
