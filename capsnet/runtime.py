@@ -7,7 +7,10 @@ import ctypes
 import json
 import math
 import os
+import re
+import shutil
 import signal
+import sys
 import threading
 import warnings
 
@@ -328,17 +331,65 @@ class Distributed:
         return box[0]
 
 
+NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"  # the loaded NVIDIA kernel module's version line
+_cuda_said = []  # what torch warned while finding out whether CUDA works (cuda_available)
+
+
+def cuda_available():
+    """torch.cuda.is_available(), with what torch warns while finding out (a driver too old for its
+    CUDA, say) kept for unusable_gpu_line's one line instead of printed."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    _cuda_said.extend(str(w.message).strip() for w in said)
+    return available
+
+
 def resolve_device(name):
     if name == "auto":
-        if torch.cuda.is_available():
+        if cuda_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": name == "cuda" and cuda_available(), "mps": torch.backends.mps.is_available()}
     if not available[name]:
         raise UsageError(f"--device {name} was asked for, but this machine has no {name.upper()} device")
     return torch.device(name)
+
+
+def driver_version():
+    """The NVIDIA driver's version ("550.54.14") from NVIDIA_DRIVER_FILE, or None."""
+    try:
+        with open(NVIDIA_DRIVER_FILE, encoding="utf-8") as f:
+            found = re.search(r"Kernel Module(?: for [\w]+)?\s+(\d+(?:\.\d+)+)", f.read())
+    except OSError:
+        return None
+    return found and found.group(1)
+
+
+def wheel_index(driver):
+    """A torch wheel index whose CUDA a driver of version `driver` runs (None: not known): CUDA 13.0
+    needs driver 580, 12.8 needs 570, and CUDA 12 builds run on any 525 or newer."""
+    major = int(driver.split(".")[0]) if driver else 0
+    cuda = "cu130" if major >= 580 else "cu128" if major >= 570 else "cu126"
+    note = "; drivers older than 525 need an update first" if driver and major < 525 else ""
+    return f"https://download.pytorch.org/whl/{cuda}{note}"
+
+
+def unusable_gpu_line():
+    """One warning line when this machine has an NVIDIA GPU (nvidia-smi on the PATH, or the
+    driver's NVIDIA_DRIVER_FILE) that this torch cannot use: the driver's version, what torch said,
+    and what to install. None when there is no such GPU."""
+    if not (shutil.which("nvidia-smi") or os.path.exists(NVIDIA_DRIVER_FILE)):
+        return None
+    driver = driver_version()
+    build = f"torch {torch.__version__} (" + (f"built for CUDA {torch.version.cuda})" if torch.version.cuda
+                                               else "a CPU-only build)")
+    said = f" (torch: {_cuda_said[0].splitlines()[0]})" if _cuda_said else ""
+    return (f"warning: this machine has an NVIDIA GPU (driver {driver or 'version unreadable'}) that {build} cannot "
+            f"use{said}; training runs on the CPU. Install a torch build for the driver's CUDA, e.g. pip install "
+            f"torch --index-url {wheel_index(driver)}")
 
 
 def amp_dtype(device, enabled):
@@ -441,9 +492,25 @@ def setup_process(cfg, dist=None):
     malloc_tuned = device.type == "cpu" and cfg["CPU_MALLOC_TUNING"] and tune_cpu_malloc()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        use_tf32()
+    elif cfg["DEVICE"] == "auto" and device.type == "cpu" and (dist is None or dist.main):
+        line = unusable_gpu_line()  # an NVIDIA GPU that this torch cannot use: said in one line
+        if line:
+            print(line, file=sys.stderr)
     return device, bool(malloc_tuned)
+
+
+def use_tf32():
+    """TF32 for the fp32 matrix products and convolutions on CUDA, through the API this torch has:
+    fp32_precision = "tf32" where it exists (torch 2.9 on), else the older allow_tf32 flags (torch
+    warns of the old ones where the new exist, and refuses to read one kind after the other was set)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+        cudnn.conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        cudnn.allow_tf32 = True
 
 
 def device_name(device):
