@@ -64,8 +64,8 @@ from capsnet.modes import (add_mode_flags, authors_choices, export_weights, mode
                            run_eval, run_predict, run_visualize)
 from capsnet.runtime import (Distributed, RunRecord, UsageError, amp_choice, amp_dtype, autocast, check_position,
                              choose_run_dir, finite_weights, how_it_ended, load_checkpoint, prepare_run_dir,
-                             resume_training, rng_state, setup_process, step_schedule, stop_signals, sync,
-                             truncate_metrics, wrap_ddp)
+                             resume_training, rng_state, settle, setup_process, step_schedule, stop_signals, sync,
+                             together, truncate_metrics, wrap_ddp)
 from capsnet.visdom_plots import LiveProgress, VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
@@ -779,7 +779,7 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=Non
     if where is not None:
         where["run_dir"] = cfg["RUN_DIR"]
     check_position(ckpt, cfg)  # a mid-epoch checkpoint: the settings that made its epoch's batches
-    data = load_data(cfg, device)  # bad data: one line, and nothing written
+    data = together(dist, load_data, cfg, device)  # bad data, in any process: one line, and nothing written
     prepare_run_dir(cfg["RUN_DIR"], ckpt, dist)
     last = data.train.rows % cfg["BATCH_SIZE"]
     if 0 < last < dist.world:
@@ -864,7 +864,7 @@ def main(argv=None):
         try:
             return run_mode(args, training, dist, where)
         except (Exception, KeyboardInterrupt) as e:  # ours: one line on stderr and an exit code
-            code, line = how_it_ended(e, where, training)
+            code, line = settle(dist, e, *how_it_ended(e, where, training))  # torchrun: every process alike
             if code is None:
                 raise
             if dist.main:

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from capsnet.faults import WRITING, FaultBoard, OtherProcessFailed
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -152,6 +153,8 @@ def how_it_ended(error, where, training):
     name = "capsule_network.py: error:"
     if isinstance(error, UsageError):
         return 2, f"{name} {error}"
+    if isinstance(error, OtherProcessFailed):  # Distributed.settle finds that process's line
+        return 1, f"{name} {error}"
     if isinstance(error, NonFiniteLoss):
         return 4, f"{name} {error}"
     if isinstance(error, Preempted):
@@ -239,11 +242,13 @@ class Distributed:
     draws for the global batch), so each one can take its share of any batch by itself."""
 
     def __init__(self, environ=os.environ):
+        self.environ = environ
         self.world = int(environ.get("WORLD_SIZE", "1"))
         self.rank = int(environ.get("RANK", "0"))
         self.local_rank = int(environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(environ.get("LOCAL_WORLD_SIZE", self.world))
         self.enabled = self.world > 1
-        self.started = False
+        self.started, self.board = False, None  # board: the job's first fault (capsnet/faults.py)
 
     @property
     def main(self):
@@ -278,6 +283,8 @@ class Distributed:
 
             tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.started = True
+            if "MASTER_ADDR" in self.environ:  # torchrun's store, where every process meets
+                self.board = FaultBoard(self.environ, self.rank, self.world)
 
     def describe(self, device, batch):
         """The start-up line of a torchrun job."""
@@ -293,6 +300,11 @@ class Distributed:
             tdist.barrier()
 
     def stop(self):
+        board, self.board = self.board, None
+        if board is not None:
+            board.close()
+            if board.ending is not None:  # the job ends on a fault (settle): every process exits alike, now
+                board.finish()
         if self.started:
             import torch.distributed as tdist
 
@@ -329,6 +341,45 @@ class Distributed:
         box = [obj]
         tdist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def together(dist, fn, *args):
+    """fn(*args) in every process of `dist` (a Distributed), then one collective: if it raised in any
+    process, every process raises (its own error, or OtherProcessFailed), so that none goes on
+    alone into the next collective, or writes what one process would not. Without torchrun:
+    fn(*args)."""
+    if not dist.enabled:
+        return fn(*args)
+    try:
+        result, error = fn(*args), None
+    except Exception as e:  # noqa: BLE001 (raised again below, in every process)
+        result, error = None, e
+    failed = [rank for rank, bad in enumerate(dist.gather(error is not None)) if bad]
+    if error is not None:
+        raise error
+    if failed:
+        raise OtherProcessFailed(f"process {failed[0]} failed")
+    return result
+
+
+def settle(dist, error, code, line):
+    """How this process ends: (exit code, one line) of how_it_ended for `error`; under torchrun
+    the job's, the first fault any process posted (FaultBoard), so that every process ends
+    alike. (None, None): this process's own unexpected error (its traceback shows; the others
+    end with exit 1). Stop signals and Ctrl-C end each process by itself, as they are."""
+    if dist.board is None or isinstance(error, (Preempted, KeyboardInterrupt)):
+        return code, line
+    dist.board.settled.set()
+    if code is None or isinstance(error, OtherProcessFailed):  # another's fault reaching this process?
+        found = dist.board.posted(FaultBoard.ACKS_WAIT if isinstance(error, OtherProcessFailed) else 3.0)
+        if found is not None:
+            return dist.board.post(*found[1:])
+        if code is None:  # this process's own: the others end with exit 1 and a line that says where
+            dist.board.post(1, f"capsule_network.py: error: process {dist.rank} failed with "
+                               f"{type(error).__name__}; its traceback is on stderr")
+            dist.board.ending = None  # the others are gone: this one ends as usual, with its traceback
+            return None, None
+    return dist.board.post(code, line)
 
 
 NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"  # the loaded NVIDIA kernel module's version line
@@ -562,11 +613,12 @@ class RunRecord:
         self.refuse_non_finite(ckpt, row["epoch"])
         self.saved_epoch = row["epoch"]
         if self.dist.main:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            if is_best:
-                atomic_torch_save(ckpt, os.path.join(self.run_dir, "best.pt"))
-            atomic_torch_save(ckpt, self.last)
+            with WRITING:  # under torchrun a process ended by another's fault waits for these files
+                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                if is_best:
+                    atomic_torch_save(ckpt, os.path.join(self.run_dir, "best.pt"))
+                atomic_torch_save(ckpt, self.last)
         return is_best
 
     def save_position(self, ckpt, live, stats, plan, logit_changes, seconds):
@@ -578,7 +630,8 @@ class RunRecord:
                    "plan": plan and {k: v.cpu() for k, v in plan.items()},
                    "logit_changes": [c.cpu() for c in logit_changes], "seconds": seconds}
         if self.dist.main:
-            atomic_torch_save(dict(ckpt, partial=partial), self.last)
+            with WRITING:
+                atomic_torch_save(dict(ckpt, partial=partial), self.last)
         self.dist.barrier()
 
     def restore_position(self, part, stats, live, device, rows):
