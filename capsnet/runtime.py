@@ -4,6 +4,7 @@ process group (one process per GPU, or per CPU share)."""
 
 import contextlib
 import ctypes
+import inspect
 import json
 import math
 import os
@@ -281,7 +282,11 @@ class Distributed:
         if self.enabled and not self.started:
             import torch.distributed as tdist
 
-            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            bound = {}  # NCCL told this process's GPU at once (torch 2.3 on): no guess at the first barrier
+            defined = tdist.distributed_c10d.init_process_group
+            if device.type == "cuda" and "device_id" in inspect.signature(defined).parameters:
+                bound["device_id"] = device
+            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", **bound)
             self.started = True
             if "MASTER_ADDR" in self.environ:  # torchrun's store, where every process meets
                 self.board = FaultBoard(self.environ, self.rank, self.world)
@@ -312,9 +317,15 @@ class Distributed:
             self.started = False
 
     def device(self, device):
-        """cuda -> cuda:LOCAL_RANK (and made current); other devices as they are."""
+        """cuda -> cuda:LOCAL_RANK (and made current); other devices as they are. More processes on
+        this machine (LOCAL_WORLD_SIZE) than it has GPUs: one UsageError line."""
         if self.enabled and device.type == "cuda":
-            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            count = torch.cuda.device_count()
+            if self.local_world > count:
+                raise UsageError(f"torchrun started {self.local_world} processes on this machine, which has {count} "
+                                 f"GPU{'s' * (count != 1)}: one process per GPU (--nproc-per-node {count}), or "
+                                 f"--device cpu")
+            device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         return device
 

@@ -297,3 +297,39 @@ def test_a_fault_in_one_process_ends_every_process_alike(tiny_mnist, tmp_path, f
         assert ckpt["epoch"] == 1 and "partial" not in ckpt and [r["epoch"] for r in read_rows(run)] == [1]
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
         assert not [f for f in os.listdir(run) if ".tmp" in f]
+
+
+# ---- GPUs under torchrun, faked on the CPU ----
+def test_nccl_is_told_the_process_gpu_where_torch_can(monkeypatch):
+    """Distributed.start on a GPU: init_process_group("nccl", device_id=that GPU) where this torch
+    takes device_id (2.3 on); gloo on the CPU, without it."""
+    import inspect
+
+    import torch.distributed as tdist
+    from capsnet import runtime
+
+    takes, calls = "device_id" in inspect.signature(tdist.init_process_group).parameters, []
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    world = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}  # no MASTER_ADDR: no store to meet at
+    runtime.Distributed(world).start(torch.device("cuda", 1))
+    runtime.Distributed(world).start(torch.device("cpu"))
+    assert calls == [("nccl", {"device_id": torch.device("cuda", 1)} if takes else {}), ("gloo", {})]
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc-per-node 4 on a machine with 2 GPUs: refused in one line before any GPU is
+    touched (each process used to share a GPU by LOCAL_RANK modulo the count); as many as the GPUs
+    are fine."""
+    from capsnet import runtime
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    four = runtime.Distributed({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"})
+    with pytest.raises(runtime.UsageError) as info:
+        four.device(torch.device("cuda"))
+    assert str(info.value) == ("torchrun started 4 processes on this machine, which has 2 GPUs: one process per GPU "
+                               "(--nproc-per-node 2), or --device cpu")
+    assert runtime.how_it_ended(info.value, {}, True)[0] == 2 and not chosen
+    two = runtime.Distributed({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert two.device(torch.device("cuda")) == torch.device("cuda", 1) == chosen[0]
