@@ -591,9 +591,14 @@ def device_name(device):
 
 def wrap_ddp(model, device, dist):
     """Under torchrun: the DistributedDataParallel wrapper that averages the gradients over the
-    processes (the model itself stays plain); else None."""
+    processes (the model itself stays plain); else None. On CUDA its batch norms (Efficient-CapsNet's,
+    DECODER_BN's) become SyncBatchNorm, in place, with the same parameters and buffers (the
+    optimizer's, the checkpoint's): they normalise over the global batch, as one process does.
+    torch synchronises batch norm on CUDA only: on the CPU each process normalises its share."""
     if not dist.enabled:
         return None
+    if device.type == "cuda" and torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) is not model:
+        raise ValueError("the model itself is a batch norm: nothing to train")  # convert_sync_batchnorm replaces children only
     # Conv1's weight (256, 1, 9, 9) gets its gradient with channels-last strides from the CPU path
     # (fast.CpuConvPath); with one input channel that is the same memory order, and DDP's warning
     # about it says nothing.

@@ -256,10 +256,13 @@ def test_a_tiny_run_on_cuda_in_the_whole_step_mode(tiny_mnist, tmp_path):
 
 
 @needs_two_gpus
-def test_two_processes_on_two_gpus_train_as_one(tiny_mnist, tmp_path):
-    """torchrun with NCCL, one process per GPU: the rows of one process on one GPU, to 1e-4."""
+@pytest.mark.parametrize("model", ["capsnet", "efficient-capsnet"])
+def test_two_processes_on_two_gpus_train_as_one(tiny_mnist, tmp_path, model):
+    """torchrun with NCCL, one process per GPU: the rows of one process on one GPU, to 1e-4; for
+    Efficient-CapsNet also its batch norms' running statistics (SyncBatchNorm: the global batch's
+    statistics, where plain batch norm would use each process's half)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = ["--train-size", 190, "--no-amp", *ON_CUDA]
+    args = ["--train-size", 190, "--no-amp", "--model", model, *ON_CUDA]
     done = run_main(train_args(tiny_mnist["root"], one, *args, epochs=2))
     assert done.returncode == 0, describe(done)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
