@@ -286,11 +286,16 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     batch = data_batch(cfg, cfg["BATCH_SIZE"], device)
     eval_batch = data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)
 
+    stepper = runtime.scaled_steps(optimizer, network.scaler)  # fp16 (GPUs below 8.0): with its gradient scaler
+
     def train_step():  # exactly what torchnet's Engine does per training batch
-        optimizer.zero_grad()
-        loss, _ = network(batch)
-        loss.backward()
-        optimizer.step()
+        def closure():
+            loss, _ = network(batch)
+            loss.backward()
+            return loss
+
+        stepper.zero_grad()
+        stepper.step(closure)
 
     def eval_step():  # what the test pass does per batch
         with torch.no_grad():
@@ -326,7 +331,8 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     peaks = {kind: w.finish() for kind, w in workers.items() if kind in rates}
     errors = {f"{kind}_error": w.error for kind, w in started.items() if w.error}  # e.g. a MemoryError
     result = {
-        "device": str(device), "device_name": runtime.device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
+        "device": str(device), "device_name": runtime.device_name(device),
+        "dtype": {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, gradient scaler"}.get(dtype, "fp32"),
         "model": cfg["MODEL"], "preset": cfg["PRESET"], "decoder": cfg["DECODER"], "parameters": sum(p.numel() for p in model.parameters()),
         "dataset": cfg["DATASET"], "input": f"{model.image_size}x{model.image_size}", "channels": model.in_channels,
         "classes": model.num_classes,

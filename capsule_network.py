@@ -63,9 +63,9 @@ from capsnet.meters import PassMeters, epoch_row, matched_predictions, print_epo
 from capsnet.modes import (add_mode_flags, authors_choices, export_weights, model_line, resolve_resume,  # noqa: F401
                            run_eval, run_predict, run_visualize)
 from capsnet.runtime import (Distributed, RunRecord, UsageError, amp_choice, amp_dtype, autocast, check_position,
-                             choose_run_dir, finite_weights, how_it_ended, load_checkpoint, prepare_run_dir,
-                             resume_training, rng_state, settle, setup_process, step_schedule, stop_signals, sync,
-                             together, truncate_metrics, wrap_ddp)
+                             choose_run_dir, finite_weights, how_it_ended, load_checkpoint, loss_scaler, prepare_run_dir,
+                             resume_training, rng_state, scaled_steps, settle, setup_process, step_schedule, stop_signals,
+                             sync, together, truncate_metrics, wrap_ddp)
 from capsnet.visdom_plots import LiveProgress, VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
@@ -583,7 +583,7 @@ class BatchLoss:
         self.crop, self.flip = crop, flip  # CIFAR10 and smallNORB: random crops (and flips) in training
         self.augment = augment  # AUGMENT: "efficient" adds Efficient-CapsNet's augmentation in training
         self.distort = distort  # DISTORT (cifar10): the authors' random brightness and contrast in training
-        self.last, self.whole, self.whole_step = None, False, None
+        self.last, self.whole, self.whole_step, self.scaler = None, False, None, loss_scaler(device, dtype)  # fp16: a GradScaler
 
     def __call__(self, sample):
         training = self.model.training  # the mode is the model's: model.train() / model.eval()
@@ -608,7 +608,7 @@ class BatchLoss:
         self.last = (loss.detach().clone() if whole else loss.detach(), labels)
         if training and self.ddp is not None:
             loss = loss * (len(labels) * self.dist.world / batch)
-        return loss, lengths.detach()
+        return (self.scaler.scale(loss) if training and self.scaler else loss), lengths.detach()
 
     @classmethod
     def for_run(cls, model, cfg, device, dist=None, ddp=None):
@@ -668,8 +668,7 @@ class Trainer:
         self.stop = []  # the stop signals caught (stop_signals)
 
     def on_start(self, state):
-        if state["train"]:
-            state["epoch"] = self.start_epoch
+        state["epoch"] = self.start_epoch  # training's first epoch (the test pass's state has no epoch of its own)
         self.passes.start("train" if state["train"] else "test")
         self.live.start_pass()
 
@@ -762,7 +761,8 @@ class Trainer:
     def checkpoint(self, epoch):
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_accuracy": self.record.best_accuracy,
-                "config": self.cfg, "rng_state": rng_state(self.device), "compile_choice": self.compile_choice.state()}
+                "config": self.cfg, "rng_state": rng_state(self.device), "compile_choice": self.compile_choice.state(),
+                "scaler": self.network.scaler and self.network.scaler.state_dict()}  # fp16's GradScaler, else None
 
 
 def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=None):
@@ -807,7 +807,7 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=Non
     finished = False
     try:
         with stop_signals() as trainer.stop:
-            trainer.engine.train(trainer.network, data.train, cfg["EPOCHS"], optimizer)
+            trainer.engine.train(trainer.network, data.train, cfg["EPOCHS"], scaled_steps(optimizer, trainer.network.scaler, saved.get("scaler")))
         finished = True
     finally:  # what is queued for Visdom goes out (briefly, if the run stops on an error or signal)
         trainer.visdom.flush(60.0 if finished else 5.0)

@@ -460,16 +460,24 @@ def amp_dtype(device, enabled):
 
 
 def amp_choice(device, enabled):
-    """(torch.bfloat16 or None, why) for autocast on `device`: bf16 only where it is native, so
-    that it is faster and not an emulation: CUDA compute capability 8.0 or newer (Ampere on; older
-    GPUs report bf16 support but run it in slow kernels), a CPU with avx512_bf16 or AMX."""
+    """(torch.bfloat16, torch.float16 or None, why) for autocast on `device`: bf16 only where it is
+    native, so that it is faster and not an emulation: CUDA compute capability 8.0 or newer (Ampere
+    on; older GPUs report bf16 support but run it in slow kernels), a CPU with avx512_bf16 or AMX.
+    Below 8.0, from 7.0 (Volta, Turing: fp16 tensor cores), fp16 with a gradient scaler
+    (loss_scaler: fp16's narrow range would flush small gradients to zero); older GPUs run fp16
+    without tensor cores (Pascal's 6.1 at 1/64 of its fp32 rate), and train in fp32. The routing
+    and the loss stay fp32 in every case."""
     if not enabled:
         return None, "fp32, --no-amp"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) >= (8, 0):
             return torch.bfloat16, f"bf16 autocast, native at compute capability {major}.{minor}"
-        return None, f"fp32: compute capability {major}.{minor} has no native bf16 (8.0 and newer do)"
+        if major >= 7:
+            return torch.float16, (f"fp16 autocast with a gradient scaler: compute capability {major}.{minor} has "
+                                   f"fp16 tensor cores and no native bf16 (8.0 and newer do)")
+        return None, (f"fp32: compute capability {major}.{minor} has no native bf16 (8.0 on) and no fp16 tensor "
+                      f"cores (7.0 on)")
     if device.type == "cpu":
         # torch >= 2.5 says whether the CPU has avx512_bf16 or AMX; older releases cannot tell,
         # and train in fp32 (results/README.md measured them so)
@@ -479,6 +487,41 @@ def amp_choice(device, enabled):
             return torch.bfloat16, "bf16 autocast, native on this CPU (avx512_bf16 or AMX)"
         return None, "fp32: this CPU has no native bf16 (avx512_bf16 or AMX)"
     return None, f"fp32 on {device.type}"
+
+
+def loss_scaler(device, dtype):
+    """fp16 autocast's gradient scaler on `device` (torch.amp.GradScaler): the loss is scaled before
+    the backward pass and the gradients unscaled before Adam, a step with an overflowed gradient
+    skipped and the scale lowered. None for bf16 and fp32, which need none."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+class ScaledSteps:
+    """The optimizer as torchnet's Engine steps it (zero_grad, step(closure)) under fp16's gradient
+    scaler: the closure runs the scaled loss's backward, then scaler.step (Adam on the unscaled
+    gradients, or nothing where one overflowed) and scaler.update."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure):
+        loss = closure()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
+
+
+def scaled_steps(optimizer, scaler, state=None):
+    """What a training loop steps: the optimizer itself, or with fp16's `scaler` (its checkpointed
+    `state` restored, so that a resumed run scales as the uninterrupted one) ScaledSteps."""
+    if scaler is None:
+        return optimizer
+    if state:
+        scaler.load_state_dict(state)
+    return ScaledSteps(optimizer, scaler)
 
 
 def autocast(device, dtype):

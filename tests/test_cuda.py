@@ -208,6 +208,25 @@ def test_a_tiny_run_on_cuda_stops_mid_epoch_resumes_evaluates_and_exports(tiny_m
 
 
 @needs_cuda
+def test_fp16_with_a_gradient_scaler_below_compute_capability_8(tiny_mnist, tmp_path, monkeypatch):
+    """A GPU below compute capability 8.0 (faked: 7.5) trains in fp16 autocast with a gradient scaler:
+    the start-up line says so, every checkpoint holds the scaler's state, and a run resumed after
+    epoch 1 ends as the uninterrupted one (close_runs: exactly what is deterministic, the rest to
+    1e-3, fp16's rounding)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    straight, run = str(tmp_path / "straight"), str(tmp_path / "run")
+    done = run_main(train_args(tiny_mnist["root"], straight, *ON_CUDA, epochs=2))
+    assert done.returncode == 0 and "fp16 autocast with a gradient scaler: compute capability 7.5" in done.stdout, \
+        describe(done)
+    done = run_main(train_args(tiny_mnist["root"], run, *ON_CUDA, epochs=1))
+    assert done.returncode == 0 and load_pt(os.path.join(run, "last.pt"))["scaler"]["scale"] > 0, describe(done)
+    done = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", 2])
+    assert done.returncode == 0, describe(done)
+    close_runs(run, straight, tolerance=1e-3)
+    assert load_pt(os.path.join(run, "last.pt"))["scaler"] == load_pt(os.path.join(straight, "last.pt"))["scaler"]
+
+
+@needs_cuda
 def test_the_compiled_capsule_layer_on_cuda_equals_eager(digit_batch):
     """fast.use_compiled_routing() on the GPU: the compiled code ran, and v, c and every gradient equal eager's."""
     from torch._dynamo.utils import counters

@@ -128,15 +128,19 @@ def test_resuming_an_older_checkpoint_never_destroys_later_history(one_epoch, tm
     assert read_rows(run) == before
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 5), None), ((7, 0), None), ((8, 0), torch.bfloat16),
-                                                  ((9, 0), torch.bfloat16)])
+@pytest.mark.parametrize("capability, expected", [((6, 1), None), ((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
 def test_bf16_autocast_only_where_the_gpu_runs_it_natively(monkeypatch, capability, expected):
-    """A T4 (7.5) or V100 (7.0) trains in fp32, and the start-up text says why; A100 (8.0) and H100
-    (9.0) in bf16. Without AMP, fp32 everywhere."""
+    """A100 (8.0) and H100 (9.0) train in bf16; a V100 (7.0) or T4 (7.5) in fp16 with a gradient
+    scaler; a P40 (6.1, no fp16 tensor cores) in fp32; the start-up text says which and why.
+    Without AMP, fp32 everywhere."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     dtype, why = runtime.amp_choice(torch.device("cuda"), True)
-    assert dtype == expected
-    assert ("no native bf16" in why) == (expected is None) and f"{capability[0]}.{capability[1]}" in why
+    assert dtype == expected and f"{capability[0]}.{capability[1]}" in why
+    assert ("no native bf16" in why) == (expected != torch.bfloat16)
+    assert why.startswith({None: "fp32", torch.float16: "fp16 autocast with a gradient scaler",
+                           torch.bfloat16: "bf16 autocast"}[expected])
+    assert (runtime.loss_scaler(torch.device("cpu"), expected) is not None) == (expected == torch.float16)
     assert runtime.amp_choice(torch.device("cuda"), False) == (None, "fp32, --no-amp")
 
 
@@ -339,6 +343,57 @@ def test_export_writes_nothing_that_fp16_cannot_hold(one_epoch, tmp_path):
     one_line_error(run_main(["--export-weights", tmp_path / "w.pt", "--resume", path]), 2,
                    "--export-weights: W is not finite in fp16")
     assert not os.path.exists(tmp_path / "w.pt")
+
+
+FP16 = "fp16 autocast with a gradient scaler: compute capability 7.5 (faked on the CPU)"
+
+
+def fp16_as_below_8_0(monkeypatch):
+    """Train on the CPU as a GPU below compute capability 8.0 does: fp16 autocast with its gradient
+    scaler (torch runs both on the CPU: torch.amp.GradScaler("cpu"))."""
+    def choice(device, enabled):
+        return (torch.float16, FP16) if enabled else (None, "fp32, --no-amp")
+
+    monkeypatch.setattr(runtime, "amp_choice", choice)
+    monkeypatch.setattr(cn, "amp_choice", choice)
+
+
+def test_fp16_with_a_gradient_scaler_trains_and_resumes_mid_epoch_exactly(tiny_mnist, tmp_path, monkeypatch):
+    """fp16 autocast (the routing and the loss in fp32): the start-up line says so, the scaler's state
+    is in every checkpoint, and a run stopped inside epoch 2 resumes to the uninterrupted run's
+    weights, Adam state and scaler state, exactly."""
+    fp16_as_below_8_0(monkeypatch)
+    straight, run = str(tmp_path / "straight"), str(tmp_path / "run")
+    done = run_main(train_args(tiny_mnist["root"], straight, epochs=3))
+    assert done.returncode == 0 and f"parameters on cpu ({FP16})" in done.stdout, describe(done)
+    undo = signal_at_call(monkeypatch, 16)
+    one_line_error(run_main(train_args(tiny_mnist["root"], run, epochs=3)), 143, "stopped by SIGTERM in epoch 2")
+    stopped = load_pt(os.path.join(run, "last.pt"))
+    assert stopped["partial"]["batch"] == 4 and stopped["scaler"]["scale"] > 0
+    undo()
+    done = run_main(["--resume", os.path.join(run, "last.pt")])
+    assert done.returncode == 0, describe(done)
+    same_run(run, straight)
+    a, b = load_pt(os.path.join(run, "last.pt")), load_pt(os.path.join(straight, "last.pt"))
+    assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 30  # 30 steps, none overflowed
+
+
+def test_the_scaler_scales_the_training_loss_only(monkeypatch, digit_batch):
+    """BatchLoss under fp16: training returns the loss times the scale (for the backward pass) while
+    the loss it records (network.last, the metrics') is the plain one; evaluation is not scaled."""
+    fp16_as_below_8_0(monkeypatch)
+    cfg = dict(cn.default_config(), CONV1_CHANNELS=16, PRIMARY_CAPS=4, DECODER_HIDDEN1=32, DECODER_HIDDEN2=64)
+    model = cn.build_model(cfg)
+    network = cn.BatchLoss.for_run(model, dict(cfg, MAX_SHIFT=0), torch.device("cpu"))
+    assert network.dtype == torch.float16 and isinstance(network.scaler, torch.amp.GradScaler)
+    images = (digit_batch[0][:, 0] * 255).to(torch.uint8)
+    model.train()
+    scaled, _ = network((images, digit_batch[1]))
+    assert scaled.item() == pytest.approx(network.last[0].item() * 65536.0, rel=1e-6)
+    model.eval()
+    with torch.no_grad():
+        plain, _ = network((images, digit_batch[1]))
+    assert plain.item() == pytest.approx(network.last[0].item()) and plain.item() < 10
 
 
 def test_sigterm_from_outside_stops_within_seconds_and_resumes_exactly(tiny_mnist, tmp_path):
