@@ -32,7 +32,7 @@ class FaultBoard:
     has exited, then finds them gone, and every exit code is the fault's. Keys are per job and
     restart (TORCHELASTIC_RUN_ID, TORCHELASTIC_RESTART_COUNT): a restarted job starts clean."""
 
-    POLL, GRACE, ACKS_WAIT = 0.2, 2.0, 30.0
+    POLL, GRACE, ACKS_WAIT = 0.5, 2.0, 30.0  # seconds; every process asks the store twice a second
 
     def __init__(self, environ, rank, world):
         from torch.distributed import TCPStore
