@@ -286,11 +286,16 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     batch = data_batch(cfg, cfg["BATCH_SIZE"], device)
     eval_batch = data_batch(cfg, cfg["EVAL_BATCH_SIZE"], device)
 
+    stepper = runtime.scaled_steps(optimizer, network.scaler)  # fp16 (GPUs below 8.0): with its gradient scaler
+
     def train_step():  # exactly what torchnet's Engine does per training batch
-        optimizer.zero_grad()
-        loss, _ = network(batch)
-        loss.backward()
-        optimizer.step()
+        def closure():
+            loss, _ = network(batch)
+            loss.backward()
+            return loss
+
+        stepper.zero_grad()
+        stepper.step(closure)
 
     def eval_step():  # what the test pass does per batch
         with torch.no_grad():
@@ -326,9 +331,11 @@ def run_benchmark(cfg, json_path=None, compile_vs_eager=False):
     peaks = {kind: w.finish() for kind, w in workers.items() if kind in rates}
     errors = {f"{kind}_error": w.error for kind, w in started.items() if w.error}  # e.g. a MemoryError
     result = {
-        "device": str(device), "device_name": runtime.device_name(device), "dtype": "bf16 autocast" if dtype else "fp32",
+        "device": str(device), "device_name": runtime.device_name(device),
+        "dtype": {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, gradient scaler"}.get(dtype, "fp32"),
         "model": cfg["MODEL"], "preset": cfg["PRESET"],
-        "decoder": cfg["DECODER"] if cfg["MODEL"] != "baseline-cnn" else None, "parameters": sum(p.numel() for p in model.parameters()),
+        "decoder": cfg["DECODER"] if cfg["MODEL"] != "baseline-cnn" else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "dataset": cfg["DATASET"], "input": f"{model.image_size}x{model.image_size}", "channels": model.in_channels,
         "classes": model.num_classes,
         "batch_size": cfg["BATCH_SIZE"], "eval_batch_size": cfg["EVAL_BATCH_SIZE"],
@@ -440,6 +447,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.worker:
         print("bench.py: error: the benchmark times one process; run it with python, not torchrun", file=sys.stderr)
         return 2
+    cfg = {}
     try:
         cfg = make_config(args)
         if args.worker:
@@ -452,6 +460,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # this process's shape does not fit: one line, exit 3 (the trainer's code)
+        if not runtime.is_out_of_memory(e):
+            raise
+        print(f"bench.py: error: out of memory ({type(e).__name__}) at --batch-size {cfg.get('BATCH_SIZE', '?')}, "
+              f"--eval-batch-size {cfg.get('EVAL_BATCH_SIZE', '?')}: lower them", file=sys.stderr)
+        return 3
     return 0
 
 

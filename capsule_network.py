@@ -62,9 +62,10 @@ from capsnet.figures import epoch_views
 from capsnet.meters import PassMeters, epoch_row, matched_predictions, print_epoch, routing_changes, two_digit_scores  # noqa: F401,E501
 from capsnet.modes import (add_mode_flags, authors_choices, export_weights, model_line, resolve_resume,  # noqa: F401
                            run_eval, run_predict, run_visualize)
-from capsnet.runtime import (Distributed, RunRecord, UsageError, amp_choice, amp_dtype, autocast, choose_run_dir,
-                             how_it_ended, load_checkpoint, prepare_run_dir, resume_training, rng_state,
-                             setup_process, step_schedule, stop_signals, sync, truncate_metrics, wrap_ddp)
+from capsnet.runtime import (Distributed, RunRecord, UsageError, amp_choice, amp_dtype, autocast, check_position,
+                             choose_run_dir, finite_weights, how_it_ended, load_checkpoint, loss_scaler, prepare_run_dir,
+                             resume_training, rng_state, scaled_steps, settle, setup_process, step_schedule, stop_signals,
+                             sync, together, truncate_metrics, wrap_ddp)
 from capsnet.visdom_plots import LiveProgress, VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
@@ -582,7 +583,7 @@ class BatchLoss:
         self.crop, self.flip = crop, flip  # CIFAR10 and smallNORB: random crops (and flips) in training
         self.augment = augment  # AUGMENT: "efficient" adds Efficient-CapsNet's augmentation in training
         self.distort = distort  # DISTORT (cifar10): the authors' random brightness and contrast in training
-        self.last, self.whole, self.whole_step = None, False, None
+        self.last, self.whole, self.whole_step, self.scaler = None, False, None, loss_scaler(device, dtype)  # fp16: a GradScaler
 
     def __call__(self, sample):
         training = self.model.training  # the mode is the model's: model.train() / model.eval()
@@ -607,7 +608,7 @@ class BatchLoss:
         self.last = (loss.detach().clone() if whole else loss.detach(), labels)
         if training and self.ddp is not None:
             loss = loss * (len(labels) * self.dist.world / batch)
-        return loss, lengths.detach()
+        return (self.scaler.scale(loss) if training and self.scaler else loss), lengths.detach()
 
     @classmethod
     def for_run(cls, model, cfg, device, dist=None, ddp=None):
@@ -667,8 +668,7 @@ class Trainer:
         self.stop = []  # the stop signals caught (stop_signals)
 
     def on_start(self, state):
-        if state["train"]:
-            state["epoch"] = self.start_epoch
+        state["epoch"] = self.start_epoch  # training's first epoch (the test pass's state has no epoch of its own)
         self.passes.start("train" if state["train"] else "test")
         self.live.start_pass()
 
@@ -682,8 +682,8 @@ class Trainer:
             self.plan = self.train_batches.plan()  # this epoch's order (and pairs) of the data
         else:  # the epoch a mid-epoch checkpoint stopped in goes on where it was, drawing nothing new
             part, self.partial = self.partial, None
-            self.plan, self.model.logit_changes, seconds = self.record.restore_position(part, self.passes.stats, self.device)
-            self.live.start_pass(part["batch"], part["last_totals"])
+            self.plan, self.model.logit_changes, seconds = self.record.restore_position(
+                part, self.passes.stats, self.live, self.device, self.train_batches.rows)
             self.epoch_started -= seconds
         batches = self.train_batches.batches(self.plan, self.live.batch)
         desc = f"epoch {state['epoch'] + 1}/{state['maxepoch']} train"
@@ -698,8 +698,8 @@ class Trainer:
         self.passes.stats.add(loss, state["output"], labels)
         totals = self.live.due(self.passes.stats)
         if totals is not None:
-            if totals[3] >= 0 and state["train"]:
-                self.diverged(state["epoch"] + 1, totals[3] + 1)
+            if state["train"]:
+                self.diverged(state["epoch"] + 1, totals[3])
             self.live.show(totals, state["epoch"] if state["train"] else None, len(self.train_batches))
 
     def on_update(self, state):
@@ -709,11 +709,7 @@ class Trainer:
             self.stop_here(state)
 
     def on_end_epoch(self, state):
-        bad = self.passes.stats.totals()[3]  # the epoch's last batches, since the last progress update
-        if bad >= 0:
-            self.diverged(state["epoch"], bad + 1)
-        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
-            self.diverged(state["epoch"], None)  # a non-finite gradient in the last step
+        self.diverged(state["epoch"], self.passes.stats.totals()[3], True)  # since the last progress update
         train_seconds = time.perf_counter() - self.epoch_started
         changes = routing_changes(self.model)  # none from the whole compiled step: then the test pass's
         self.passes.finish("train", self.dist)
@@ -735,17 +731,21 @@ class Trainer:
         epochs it holds the completed epoch already). Then stop with Preempted."""
         where = f"after epoch {state['epoch']}"
         if not between_epochs:
+            self.diverged(state["epoch"] + 1, self.passes.stats.totals()[3])  # no non-finite position is written
             self.live.close()
             self.record.save_position(self.checkpoint(state["epoch"]), self.live, self.passes.stats, self.plan,
                                       self.model.logit_changes, time.perf_counter() - self.epoch_started)
             where = f"in epoch {state['epoch'] + 1} after batch {self.live.batch} of {len(self.train_batches)}"
         raise self.record.preempted(self.stop, where)
 
-    def diverged(self, epoch, batch):
-        """Stop the run (RunRecord.diverged): the loss of `batch` of `epoch` (or, batch None, the
-        weights) was not finite. Nothing of this epoch is written."""
-        self.live.close()  # cleared: the error is the terminal's last line
-        raise self.record.diverged(epoch, batch, self.optimizer.param_groups[0]["lr"])
+    def diverged(self, epoch, bad, weights=False):
+        """Stop the run (RunRecord.diverged) if in any process the loss of a batch of `epoch` was not
+        finite (`bad`: this process's first such batch from 0, or -1), or, `weights`, a weight is
+        not (a non-finite gradient in the last step). Nothing of this epoch is written."""
+        bad = self.dist.earliest(bad, self.device)  # under torchrun every process stops here alike
+        if bad >= 0 or (weights and not finite_weights(self.model)):
+            self.live.close()  # cleared: the error is the terminal's last line
+            raise self.record.diverged(epoch, bad + 1 if bad >= 0 else None, self.optimizer.param_groups[0]["lr"])
 
     def evaluate(self, record_routing=False):  # model.eval() and no_grad: torchnet's Engine.test does neither
         started = time.perf_counter()
@@ -761,7 +761,8 @@ class Trainer:
     def checkpoint(self, epoch):
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_accuracy": self.record.best_accuracy,
-                "config": self.cfg, "rng_state": rng_state(self.device), "compile_choice": self.compile_choice.state()}
+                "config": self.cfg, "rng_state": rng_state(self.device), "compile_choice": self.compile_choice.state(),
+                "scaler": self.network.scaler and self.network.scaler.state_dict()}  # fp16's GradScaler, else None
 
 
 def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=None):
@@ -777,7 +778,8 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=Non
     cfg["RUN_DIR"] = choose_run_dir(cfg["RUN_DIR"], ckpt, dist, fresh=ckpt is None and not resume_auto)
     if where is not None:
         where["run_dir"] = cfg["RUN_DIR"]
-    data = load_data(cfg, device)  # bad data: one line, and nothing written
+    check_position(ckpt, cfg)  # a mid-epoch checkpoint: the settings that made its epoch's batches
+    data = together(dist, load_data, cfg, device)  # bad data, in any process: one line, and nothing written
     prepare_run_dir(cfg["RUN_DIR"], ckpt, dist)
     last = data.train.rows % cfg["BATCH_SIZE"]
     if 0 < last < dist.world:
@@ -796,18 +798,16 @@ def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=Non
         print(line)
     print(f"{model_line(model, device, amp_choice(device, cfg['AMP'])[1], data, cfg)}; seed {cfg['SEED']}, run dir {cfg['RUN_DIR']}")
     if dist.enabled:
-        print(f"torchrun: {dist.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), each computing "
-              f"{cfg['BATCH_SIZE'] // dist.world} of the {cfg['BATCH_SIZE']} images of every batch")
+        print(dist.describe(device, cfg["BATCH_SIZE"]))
     if start_epoch >= cfg["EPOCHS"]:
         print(f"nothing to do: the checkpoint is at epoch {start_epoch} and --epochs is {cfg['EPOCHS']}")
         return
-    compile_state = ckpt.get("compile_choice") if ckpt is not None else None
-    trainer = Trainer(cfg, device, model, optimizer, scheduler, data, start_epoch, best, compile_state, dist,
-                      ckpt.get("partial") if ckpt is not None else None)
+    saved = ckpt or {}  # a resumed run's compile choice, and its position inside an epoch
+    trainer = Trainer(cfg, device, model, optimizer, scheduler, data, start_epoch, best, saved.get("compile_choice"), dist, saved.get("partial"))
     finished = False
     try:
         with stop_signals() as trainer.stop:
-            trainer.engine.train(trainer.network, data.train, cfg["EPOCHS"], optimizer)
+            trainer.engine.train(trainer.network, data.train, cfg["EPOCHS"], scaled_steps(optimizer, trainer.network.scaler, saved.get("scaler")))
         finished = True
     finally:  # what is queued for Visdom goes out (briefly, if the run stops on an error or signal)
         trainer.visdom.flush(60.0 if finished else 5.0)
@@ -864,7 +864,7 @@ def main(argv=None):
         try:
             return run_mode(args, training, dist, where)
         except (Exception, KeyboardInterrupt) as e:  # ours: one line on stderr and an exit code
-            code, line = how_it_ended(e, where, training)
+            code, line = settle(dist, e, *how_it_ended(e, where, training))  # torchrun: every process alike
             if code is None:
                 raise
             if dist.main:

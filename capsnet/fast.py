@@ -305,7 +305,9 @@ class CompileChoice:
     TIMED steps each, timed; the one with the fastest median step is kept for the rest of the run.
     Those steps are real training steps (the same mathematics every way). "auto" times the whole
     step on CUDA only: on the 2-core CPU it trained at 0.69x the eager speed, 0.59x the compiled
-    layer's (results/README.md), after tens of seconds of compiling. The choice is printed in one
+    layer's (results/README.md), after tens of seconds of compiling; and not under torchrun, where
+    DDP's gradient hooks run between its graphs and it runs without CUDA graphs (untimed there:
+    "step" is still the user's to ask for). The choice is printed in one
     line, recorded in each metrics row and in the checkpoint, and a resumed run keeps it (or
     continues an unfinished trial), so that it trains exactly as the uninterrupted run. Why measure: how fast inductor's code is depends on
     the torch release and the machine, and a faster default on one machine can be the slower one
@@ -317,7 +319,8 @@ class CompileChoice:
 
     def __init__(self, model, device, setting, state=None, dist=None, network=None):
         self.model, self.device, self.dist, self.network = model, device, dist or Distributed({}), network
-        kinds = ["compiled", "eager"] + (["step"] if device.type == "cuda" and network is not None else [])
+        whole = device.type == "cuda" and network is not None and not self.dist.enabled
+        kinds = ["compiled", "eager"] + (["step"] if whole else [])
         warmup = list(self.WARMUP) + ["step", "step"] * ("step" in kinds)
         self.schedule, self.warmup = warmup + kinds * self.TIMED, len(warmup)
         self.step, self.times, self.choice = 0, {k: [] for k in kinds}, None

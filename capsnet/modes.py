@@ -185,6 +185,10 @@ def run_predict(cfg, ckpt, paths, build_model):
 def export_weights(ckpt, cfg, path):
     """The model weights alone, in fp16, with the constants that define the model (no paths)."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # nothing non-finite is written
+        raise UsageError(f"--export-weights: {bad[0]} is not finite in fp16 (NaN, or beyond fp16's +-65504): "
+                         f"nothing written")
     atomic_torch_save({"model": state, "config": {k: cfg[k] for k in MODEL_KEYS}, "epoch": ckpt.get("epoch")},
                       path)
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, fp16 weights)")

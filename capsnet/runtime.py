@@ -4,15 +4,20 @@ process group (one process per GPU, or per CPU share)."""
 
 import contextlib
 import ctypes
+import inspect
 import json
 import math
 import os
+import re
+import shutil
 import signal
+import sys
 import threading
 import warnings
 
 import torch
 
+from capsnet.faults import WRITING, FaultBoard, OtherProcessFailed
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -149,6 +154,8 @@ def how_it_ended(error, where, training):
     name = "capsule_network.py: error:"
     if isinstance(error, UsageError):
         return 2, f"{name} {error}"
+    if isinstance(error, OtherProcessFailed):  # Distributed.settle finds that process's line
+        return 1, f"{name} {error}"
     if isinstance(error, NonFiniteLoss):
         return 4, f"{name} {error}"
     if isinstance(error, Preempted):
@@ -194,6 +201,21 @@ def load_checkpoint(path):
     raise UsageError(f"--resume: {path} holds neither a checkpoint nor a model state dict")
 
 
+def non_finite(ckpt):
+    """The name of the first weight, or Adam state, of a checkpoint dict that is NaN or infinite;
+    None when all are finite."""
+    tensors = list(ckpt["model"].items())
+    for index, state in ckpt.get("optimizer", {}).get("state", {}).items():
+        tensors += [(f"Adam's {key} of parameter {index}", v) for key, v in state.items() if torch.is_tensor(v)]
+    bad = [name for name, v in tensors if v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad[0] if bad else None
+
+
+def finite_weights(model):
+    """Whether every parameter of `model` is finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
 def load_weights(model, state):
     """Load a state dict into `model`; weights that do not fit, or are not finite (a diverged
     run's), are one UsageError line."""
@@ -221,11 +243,13 @@ class Distributed:
     draws for the global batch), so each one can take its share of any batch by itself."""
 
     def __init__(self, environ=os.environ):
+        self.environ = environ
         self.world = int(environ.get("WORLD_SIZE", "1"))
         self.rank = int(environ.get("RANK", "0"))
         self.local_rank = int(environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(environ.get("LOCAL_WORLD_SIZE", self.world))
         self.enabled = self.world > 1
-        self.started = False
+        self.started, self.board = False, None  # board: the job's first fault (capsnet/faults.py)
 
     @property
     def main(self):
@@ -241,13 +265,36 @@ class Distributed:
         tdist.all_reduce(box, op=tdist.ReduceOp.MAX)
         return bool(box.item())
 
+    def earliest(self, index, device):
+        """The smallest `index` >= 0 of all processes, or -1 where none has one (one collective;
+        without torchrun, index): every process then stops at the same batch, with the same line."""
+        if not self.enabled:
+            return index
+        import torch.distributed as tdist
+
+        none = 2 ** 62
+        box = torch.tensor([index if index >= 0 else none], device=device)
+        tdist.all_reduce(box, op=tdist.ReduceOp.MIN)
+        return -1 if int(box.item()) == none else int(box.item())
+
     def start(self, device):
         """Join the group: NCCL on CUDA, gloo on the CPU."""
         if self.enabled and not self.started:
             import torch.distributed as tdist
 
-            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            bound = {}  # NCCL told this process's GPU at once (torch 2.3 on): no guess at the first barrier
+            defined = tdist.distributed_c10d.init_process_group
+            if device.type == "cuda" and "device_id" in inspect.signature(defined).parameters:
+                bound["device_id"] = device
+            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", **bound)
             self.started = True
+            if "MASTER_ADDR" in self.environ:  # torchrun's store, where every process meets
+                self.board = FaultBoard(self.environ, self.rank, self.world)
+
+    def describe(self, device, batch):
+        """The start-up line of a torchrun job."""
+        return (f"torchrun: {self.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), each computing "
+                f"{batch // self.world} of the {batch} images of every batch")
 
     def barrier(self):
         """Wait until every process is here: before they leave the group together (a process that
@@ -258,6 +305,11 @@ class Distributed:
             tdist.barrier()
 
     def stop(self):
+        board, self.board = self.board, None
+        if board is not None:
+            board.close()
+            if board.ending is not None:  # the job ends on a fault (settle): every process exits alike, now
+                board.finish()
         if self.started:
             import torch.distributed as tdist
 
@@ -265,9 +317,15 @@ class Distributed:
             self.started = False
 
     def device(self, device):
-        """cuda -> cuda:LOCAL_RANK (and made current); other devices as they are."""
+        """cuda -> cuda:LOCAL_RANK (and made current); other devices as they are. More processes on
+        this machine (LOCAL_WORLD_SIZE) than it has GPUs: one UsageError line."""
         if self.enabled and device.type == "cuda":
-            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            count = torch.cuda.device_count()
+            if self.local_world > count:
+                raise UsageError(f"torchrun started {self.local_world} processes on this machine, which has {count} "
+                                 f"GPU{'s' * (count != 1)}: one process per GPU (--nproc-per-node {count}), or "
+                                 f"--device cpu")
+            device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         return device
 
@@ -296,17 +354,104 @@ class Distributed:
         return box[0]
 
 
+def together(dist, fn, *args):
+    """fn(*args) in every process of `dist` (a Distributed), then one collective: if it raised in any
+    process, every process raises (its own error, or OtherProcessFailed), so that none goes on
+    alone into the next collective, or writes what one process would not. Without torchrun:
+    fn(*args)."""
+    if not dist.enabled:
+        return fn(*args)
+    try:
+        result, error = fn(*args), None
+    except Exception as e:  # noqa: BLE001 (raised again below, in every process)
+        result, error = None, e
+    failed = [rank for rank, bad in enumerate(dist.gather(error is not None)) if bad]
+    if error is not None:
+        raise error
+    if failed:
+        raise OtherProcessFailed(f"process {failed[0]} failed")
+    return result
+
+
+def settle(dist, error, code, line):
+    """How this process ends: (exit code, one line) of how_it_ended for `error`; under torchrun
+    the job's, the first fault any process posted (FaultBoard), so that every process ends
+    alike. (None, None): this process's own unexpected error (its traceback shows; the others
+    end with exit 1). Stop signals and Ctrl-C end each process by itself, as they are."""
+    if dist.board is None or isinstance(error, (Preempted, KeyboardInterrupt)):
+        return code, line
+    dist.board.settled.set()
+    if code is None or isinstance(error, OtherProcessFailed):  # another's fault reaching this process?
+        found = dist.board.posted(FaultBoard.ACKS_WAIT if isinstance(error, OtherProcessFailed) else 3.0)
+        if found is not None:
+            return dist.board.post(*found[1:])
+        if code is None:  # this process's own: the others end with exit 1 and a line that says where
+            dist.board.post(1, f"capsule_network.py: error: process {dist.rank} failed with "
+                               f"{type(error).__name__}; its traceback is on stderr")
+            dist.board.ending = None  # the others are gone: this one ends as usual, with its traceback
+            return None, None
+    return dist.board.post(code, line)
+
+
+NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"  # the loaded NVIDIA kernel module's version line
+_cuda_said = []  # what torch warned while finding out whether CUDA works (cuda_available)
+
+
+def cuda_available():
+    """torch.cuda.is_available(), with what torch warns while finding out (a driver too old for its
+    CUDA, say) kept for unusable_gpu_line's one line instead of printed."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    _cuda_said.extend(str(w.message).strip() for w in said)
+    return available
+
+
 def resolve_device(name):
     if name == "auto":
-        if torch.cuda.is_available():
+        if cuda_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": name == "cuda" and cuda_available(), "mps": torch.backends.mps.is_available()}
     if not available[name]:
         raise UsageError(f"--device {name} was asked for, but this machine has no {name.upper()} device")
     return torch.device(name)
+
+
+def driver_version():
+    """The NVIDIA driver's version ("550.54.14") from NVIDIA_DRIVER_FILE, or None."""
+    try:
+        with open(NVIDIA_DRIVER_FILE, encoding="utf-8") as f:
+            found = re.search(r"Kernel Module(?: for [\w]+)?\s+(\d+(?:\.\d+)+)", f.read())
+    except OSError:
+        return None
+    return found and found.group(1)
+
+
+def wheel_index(driver):
+    """A torch wheel index whose CUDA a driver of version `driver` runs (None: not known): CUDA 13.0
+    needs driver 580, 12.8 needs 570, and CUDA 12 builds run on any 525 or newer."""
+    major = int(driver.split(".")[0]) if driver else 0
+    cuda = "cu130" if major >= 580 else "cu128" if major >= 570 else "cu126"
+    note = "; drivers older than 525 need an update first" if driver and major < 525 else ""
+    return f"https://download.pytorch.org/whl/{cuda}{note}"
+
+
+def unusable_gpu_line():
+    """One warning line when this machine has an NVIDIA GPU (nvidia-smi on the PATH, or the
+    driver's NVIDIA_DRIVER_FILE) that this torch cannot use: the driver's version, what torch said,
+    and what to install. None when there is no such GPU."""
+    if not (shutil.which("nvidia-smi") or os.path.exists(NVIDIA_DRIVER_FILE)):
+        return None
+    driver = driver_version()
+    build = f"torch {torch.__version__} (" + (f"built for CUDA {torch.version.cuda})" if torch.version.cuda
+                                               else "a CPU-only build)")
+    said = f" (torch: {_cuda_said[0].splitlines()[0]})" if _cuda_said else ""
+    return (f"warning: this machine has an NVIDIA GPU (driver {driver or 'version unreadable'}) that {build} cannot "
+            f"use{said}; training runs on the CPU. Install a torch build for the driver's CUDA, e.g. pip install "
+            f"torch --index-url {wheel_index(driver)}")
 
 
 def amp_dtype(device, enabled):
@@ -315,16 +460,24 @@ def amp_dtype(device, enabled):
 
 
 def amp_choice(device, enabled):
-    """(torch.bfloat16 or None, why) for autocast on `device`: bf16 only where it is native, so
-    that it is faster and not an emulation: CUDA compute capability 8.0 or newer (Ampere on; older
-    GPUs report bf16 support but run it in slow kernels), a CPU with avx512_bf16 or AMX."""
+    """(torch.bfloat16, torch.float16 or None, why) for autocast on `device`: bf16 only where it is
+    native, so that it is faster and not an emulation: CUDA compute capability 8.0 or newer (Ampere
+    on; older GPUs report bf16 support but run it in slow kernels), a CPU with avx512_bf16 or AMX.
+    Below 8.0, from 7.0 (Volta, Turing: fp16 tensor cores), fp16 with a gradient scaler
+    (loss_scaler: fp16's narrow range would flush small gradients to zero); older GPUs run fp16
+    without tensor cores (Pascal's 6.1 at 1/64 of its fp32 rate), and train in fp32. The routing
+    and the loss stay fp32 in every case."""
     if not enabled:
         return None, "fp32, --no-amp"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) >= (8, 0):
             return torch.bfloat16, f"bf16 autocast, native at compute capability {major}.{minor}"
-        return None, f"fp32: compute capability {major}.{minor} has no native bf16 (8.0 and newer do)"
+        if major >= 7:
+            return torch.float16, (f"fp16 autocast with a gradient scaler: compute capability {major}.{minor} has "
+                                   f"fp16 tensor cores and no native bf16 (8.0 and newer do)")
+        return None, (f"fp32: compute capability {major}.{minor} has no native bf16 (8.0 on) and no fp16 tensor "
+                      f"cores (7.0 on)")
     if device.type == "cpu":
         # torch >= 2.5 says whether the CPU has avx512_bf16 or AMX; older releases cannot tell,
         # and train in fp32 (results/README.md measured them so)
@@ -334,6 +487,41 @@ def amp_choice(device, enabled):
             return torch.bfloat16, "bf16 autocast, native on this CPU (avx512_bf16 or AMX)"
         return None, "fp32: this CPU has no native bf16 (avx512_bf16 or AMX)"
     return None, f"fp32 on {device.type}"
+
+
+def loss_scaler(device, dtype):
+    """fp16 autocast's gradient scaler on `device` (torch.amp.GradScaler): the loss is scaled before
+    the backward pass and the gradients unscaled before Adam, a step with an overflowed gradient
+    skipped and the scale lowered. None for bf16 and fp32, which need none."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+class ScaledSteps:
+    """The optimizer as torchnet's Engine steps it (zero_grad, step(closure)) under fp16's gradient
+    scaler: the closure runs the scaled loss's backward, then scaler.step (Adam on the unscaled
+    gradients, or nothing where one overflowed) and scaler.update."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure):
+        loss = closure()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
+
+
+def scaled_steps(optimizer, scaler, state=None):
+    """What a training loop steps: the optimizer itself, or with fp16's `scaler` (its checkpointed
+    `state` restored, so that a resumed run scales as the uninterrupted one) ScaledSteps."""
+    if scaler is None:
+        return optimizer
+    if state:
+        scaler.load_state_dict(state)
+    return ScaledSteps(optimizer, scaler)
 
 
 def autocast(device, dtype):
@@ -409,9 +597,25 @@ def setup_process(cfg, dist=None):
     malloc_tuned = device.type == "cpu" and cfg["CPU_MALLOC_TUNING"] and tune_cpu_malloc()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        use_tf32()
+    elif cfg["DEVICE"] == "auto" and device.type == "cpu" and (dist is None or dist.main):
+        line = unusable_gpu_line()  # an NVIDIA GPU that this torch cannot use: said in one line
+        if line:
+            print(line, file=sys.stderr)
     return device, bool(malloc_tuned)
+
+
+def use_tf32():
+    """TF32 for the fp32 matrix products and convolutions on CUDA, through the API this torch has:
+    fp32_precision = "tf32" where it exists (torch 2.9 on), else the older allow_tf32 flags (torch
+    warns of the old ones where the new exist, and refuses to read one kind after the other was set)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+        cudnn.conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        cudnn.allow_tf32 = True
 
 
 def device_name(device):
@@ -430,9 +634,14 @@ def device_name(device):
 
 def wrap_ddp(model, device, dist):
     """Under torchrun: the DistributedDataParallel wrapper that averages the gradients over the
-    processes (the model itself stays plain); else None."""
+    processes (the model itself stays plain); else None. On CUDA its batch norms (Efficient-CapsNet's,
+    DECODER_BN's) become SyncBatchNorm, in place, with the same parameters and buffers (the
+    optimizer's, the checkpoint's): they normalise over the global batch, as one process does.
+    torch synchronises batch norm on CUDA only: on the CPU each process normalises its share."""
     if not dist.enabled:
         return None
+    if device.type == "cuda" and torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) is not model:
+        raise ValueError("the model itself is a batch norm: nothing to train")  # convert_sync_batchnorm replaces children only
     # Conv1's weight (256, 1, 9, 9) gets its gradient with channels-last strides from the CPU path
     # (fast.CpuConvPath); with one input channel that is the same memory order, and DDP's warning
     # about it says nothing.
@@ -459,32 +668,43 @@ class RunRecord:
         is_best = self.best_accuracy is None or row["test_accuracy"] > self.best_accuracy
         if is_best:
             self.best_accuracy = row["test_accuracy"]
+        ckpt = checkpoint()  # checked in every process (their weights are the same) before anything is written
+        self.refuse_non_finite(ckpt, row["epoch"])
         self.saved_epoch = row["epoch"]
         if self.dist.main:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            ckpt = checkpoint()
-            if is_best:
-                atomic_torch_save(ckpt, os.path.join(self.run_dir, "best.pt"))
-            atomic_torch_save(ckpt, self.last)
+            with WRITING:  # under torchrun a process ended by another's fault waits for these files
+                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                if is_best:
+                    atomic_torch_save(ckpt, os.path.join(self.run_dir, "best.pt"))
+                atomic_torch_save(ckpt, self.last)
         return is_best
 
     def save_position(self, ckpt, live, stats, plan, logit_changes, seconds):
         """last.pt with a mid-epoch position (Trainer.stop_here): the batches done (`live`, a
         LiveProgress), every process's pass sums so far (`stats`, a PassStats), the epoch's `plan`
         of the data, the routing changes recorded and the seconds trained; every process waits."""
+        self.refuse_non_finite(ckpt, ckpt["epoch"] + 1)
         partial = {"batch": live.batch, "stats": self.dist.gather(stats.snapshot()), "last_totals": live.last_totals,
                    "plan": plan and {k: v.cpu() for k, v in plan.items()},
                    "logit_changes": [c.cpu() for c in logit_changes], "seconds": seconds}
         if self.dist.main:
-            atomic_torch_save(dict(ckpt, partial=partial), self.last)
+            with WRITING:
+                atomic_torch_save(dict(ckpt, partial=partial), self.last)
         self.dist.barrier()
 
-    def restore_position(self, part, stats, device):
+    def restore_position(self, part, stats, live, device, rows):
         """A saved position back: `stats` restored (this process's share, or under a changed world
-        every share on rank 0) -> (the plan on `device`, the routing changes, the seconds trained)."""
+        every share on rank 0), `live` (LiveProgress) at its batch -> (the plan on `device`, the
+        routing changes, the seconds trained). Its plan must cover the `rows` images of the training
+        set (else one UsageError line)."""
+        planned = len(part["plan"]["order"]) if part["plan"] else rows
+        if planned != rows:
+            raise UsageError(f"--resume {self.last}: the epoch it stopped in was ordered over {planned} training "
+                             f"images, and the training set now has {rows}: resume with the data it was trained on")
         shares = part["stats"]
         stats.restore([shares[self.dist.rank]] if len(shares) == self.dist.world else shares if self.dist.main else [])
+        live.start_pass(part["batch"], part["last_totals"])
         plan = part["plan"] and {k: v.to(device) for k, v in part["plan"].items()}
         return plan, [c.to(device) for c in part["logit_changes"]], part["seconds"]
 
@@ -494,11 +714,18 @@ class RunRecord:
         return Preempted(caught[0] if caught else signal.SIGTERM, f"stopped by {name} {where}: {self.last} holds the "
                          f"run up to there; continue with --resume {self.last}")
 
-    def diverged(self, epoch, batch, lr):
-        """The error that ends a run whose loss at `batch` of `epoch` (or, batch None, whose weights)
-        was not finite; last.pt and best.pt keep the last finite epoch."""
+    def refuse_non_finite(self, ckpt, epoch):
+        """Raise diverged() rather than write `ckpt`, a checkpoint of (a part of) `epoch`, if any of its
+        weights or Adam's state is NaN or infinite: the last good checkpoint is never overwritten."""
+        name = non_finite(ckpt)
+        if name is not None:
+            raise self.diverged(epoch, None, ckpt["optimizer"]["param_groups"][0]["lr"], f" ({name})")
+
+    def diverged(self, epoch, batch, lr, which=""):
+        """The error that ends a run whose loss at `batch` of `epoch` (or, batch None, whose weights:
+        `which`) was not finite; last.pt and best.pt keep the last finite epoch."""
         what = f"training loss became NaN or infinite at epoch {epoch}, batch {batch}" if batch else \
-            f"weights became NaN or infinite in epoch {epoch}"
+            f"weights became NaN or infinite{which} in epoch {epoch}"
         kept = f"{self.last} keeps epoch {self.saved_epoch}" if self.saved_epoch else "no checkpoint was written"
         return NonFiniteLoss(f"the {what} (learning rate {lr:.3g}): the run diverged; {kept}; lower --lr, or resume "
                              f"an earlier checkpoint")
@@ -534,6 +761,23 @@ def prepare_run_dir(run_dir, ckpt, dist):
         for name in os.listdir(run_dir):
             if ".pt.tmp" in name:
                 os.remove(os.path.join(run_dir, name))
+
+
+POSITION_KEYS = ("DATASET", "TRAIN_SIZE", "BATCH_SIZE")  # what an epoch's order and batches are made from
+
+
+def check_position(ckpt, cfg):
+    """A checkpoint written inside an epoch (its `partial` position) goes on only with the settings
+    that made that epoch's order and batches: else one UsageError line naming the setting (the
+    training set's size is checked again when the position is restored: RunRecord.restore_position).
+    --seed changes nothing on resume: the random state is the checkpoint's."""
+    part = (ckpt or {}).get("partial")
+    for key in POSITION_KEYS if part else ():
+        if cfg[key] != ckpt["config"].get(key, cfg[key]):
+            raise UsageError(f"--resume {ckpt['path']}: the run stopped inside epoch {ckpt['epoch'] + 1}, after batch "
+                             f"{part['batch']}; --{key.lower().replace('_', '-')} {cfg[key]} (the checkpoint's "
+                             f"{ckpt['config'][key]}) would change that epoch's order and batches: resume without "
+                             f"it, and change it when resuming from the end of an epoch")
 
 
 def resume_training(ckpt, cfg, model, optimizer, scheduler, device):

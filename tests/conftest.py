@@ -154,6 +154,29 @@ def train_args(data_root, run_dir, *extra, epochs=2):
             "--compile", "off", *SMALL_ARCH, *SMALL_BATCHES, *extra]
 
 
+def backend_flags():
+    """The global backend settings setup_process changes on CUDA: cudnn.benchmark and TF32, read
+    through the API this torch has (reading the old one after the new was set raises)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        return {"benchmark": cudnn.benchmark, "matmul": matmul.fp32_precision, "conv": cudnn.conv.fp32_precision}
+    return {"benchmark": cudnn.benchmark, "matmul": matmul.allow_tf32, "conv": cudnn.allow_tf32}
+
+
+@pytest.fixture
+def restore_backend_flags():
+    """Put back cudnn.benchmark and TF32 after a test that sets them (a CUDA run in this process,
+    setup_process), so that the tests after it compute as before."""
+    saved = backend_flags()
+    yield saved
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    cudnn.benchmark = saved["benchmark"]
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision, cudnn.conv.fp32_precision = saved["matmul"], saved["conv"]
+    else:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved["matmul"], saved["conv"]
+
+
 def read_rows(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -211,7 +234,11 @@ def digit_batch(tiny_mnist):
 
 def whole_step_arms(dtype, device="cpu", steps=3):
     """The same tiny model trained `steps` Adam steps on the same batches eagerly and with the whole
-    step compiled -> per arm (losses, first step's gradients, the weights' change)."""
+    step compiled -> per arm (losses, first step's gradients, the weights' change). The compiled
+    arm is checked to have run compiled code (dynamo's counters: at least one graph), not a
+    silent fallback to eager."""
+    from torch._dynamo.utils import counters
+
     cfg = dict(cn.default_config(), CONV1_CHANNELS=16, PRIMARY_CAPS=4, DECODER_HIDDEN1=32, DECODER_HIDDEN2=64)
     torch.manual_seed(0)
     first = cn.build_model(cfg)
@@ -220,6 +247,7 @@ def whole_step_arms(dtype, device="cpu", steps=3):
                 torch.randint(0, 10, (8,), generator=g)) for _ in range(steps)]
     arms = {}
     for kind in ("eager", "step"):
+        counters.clear()
         model = cn.build_model(cfg).to(device)
         model.load_state_dict(first.state_dict())
         network = cn.BatchLoss(model, cn.build_loss(cfg), torch.device(device), dtype, 0, False)
@@ -235,6 +263,7 @@ def whole_step_arms(dtype, device="cpu", steps=3):
             optimizer.step()
             losses.append(loss.item())
         assert network.whole_step is None or not network.whole_step.failed
+        assert (counters["stats"]["unique_graphs"] >= 1) == (kind == "step"), (kind, dict(counters["stats"]))
         change = torch.cat([(p.cpu() - p0).flatten() for p, p0 in zip(model.parameters(), first.parameters())])
         arms[kind] = losses, [g.cpu() for g in grads], change.detach()
     return arms

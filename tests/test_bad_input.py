@@ -28,7 +28,9 @@ def assert_one_line_error(done, *fragments):
 
 
 def data_args(root, tmp_path):
-    return ["--data-dir", root, "--run-dir", tmp_path / "run", "--no-visdom", "--epochs", 1, *SMALL_ARCH]
+    """A one-epoch run on the CPU, also where CUDA is (the errors here do not depend on the device)."""
+    return ["--data-dir", root, "--run-dir", tmp_path / "run", "--no-visdom", "--epochs", 1, "--device", "cpu",
+            *SMALL_ARCH]
 
 
 # Any download attempt goes to a closed local port: the test is the same with or without internet
@@ -112,7 +114,8 @@ def test_bad_flag_values_from_the_command_line(tiny_mnist, tmp_path, flag, value
 def test_a_number_of_classes_the_data_does_not_have(tiny_mnist, tmp_path):
     """--num-classes 5 on MNIST: one line saying how many it has; nothing written."""
     run = tmp_path / "run"
-    done = run_main(["--data-dir", tiny_mnist["root"], "--run-dir", run, "--no-visdom", "--num-classes", "5"])
+    done = run_main(["--data-dir", tiny_mnist["root"], "--run-dir", run, "--no-visdom", "--num-classes", "5",
+                     "--device", "cpu"])
     assert_one_line_error(done, "--num-classes 5: mnist has 10 classes")
     assert not run.exists()
 

@@ -128,10 +128,10 @@ def test_a_baseline_out_of_memory_is_a_result_in_the_json(tmp_path):
 
 def test_compile_vs_eager_times_both_capsule_layers(tmp_path):
     """--compile-vs-eager: the same model with the compiled and with the eager capsule layer, side
-    by side, and their ratio."""
+    by side, and their ratio; the compiled one ran compiled (no fallback to eager)."""
     out = tmp_path / "c.json"
     done = run_bench(TINY + ["--no-benchmark-baseline", "--compile-vs-eager", "--json", out], tmp_path)
-    assert done.returncode == 0, describe(done)
+    assert done.returncode == 0 and "torch.compile failed" not in done.stderr, describe(done)
     with open(out, encoding="utf-8") as f:
         result = json.load(f)
     for kind in ("compiled", "eager"):
@@ -214,3 +214,16 @@ def test_workers_cap_their_address_space_on_the_cpu_only(monkeypatch):
     assert done.returncode == 0 and 0 < int(done.stdout) < 2**62, describe(done)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
     assert bench.peak_memory_mib(torch.device("cuda")) == 3.0
+
+
+def test_out_of_memory_in_the_main_process_is_one_line_with_exit_3(monkeypatch, capsys):
+    """A shape that does not fit this process (here an injected OutOfMemoryError): exit 3 and one
+    line naming the batch sizes, as the trainer reports it."""
+    def run_benchmark(*args):
+        raise getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)("CUDA out of memory. Tried to allocate")
+
+    monkeypatch.setattr(bench, "run_benchmark", run_benchmark)
+    rc = bench.main(["--batch-size", "7", "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and lines == ["bench.py: error: out of memory (OutOfMemoryError) at --batch-size 7, "
+                                 "--eval-batch-size 100: lower them"]

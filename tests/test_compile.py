@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import cn, copy_run, describe, load_pt, read_rows, run_main, train_args, whole_step_arms
-from capsnet import fast  # noqa: E402
+from capsnet import fast, runtime  # noqa: E402
 
 
 def test_children_last_layout_is_the_same_routing():
@@ -188,6 +188,18 @@ def test_auto_on_cuda_also_times_the_whole_step(capsys, monkeypatch):
                                               "training step 0.300 s compiled, 0.500 s eager, 0.100 s step")
     cpu = fast.CompileChoice(FakeModel(), torch.device("cpu"), "auto", network=FakeNetwork(model))
     assert "step" not in cpu.schedule and set(cpu.times) == {"compiled", "eager"}
+
+
+def test_auto_under_torchrun_leaves_the_whole_step_out_of_its_trial(monkeypatch):
+    """On CUDA under torchrun (a world of 2), auto times the two capsule layers only: the whole step
+    would run there without CUDA graphs, DDP's hooks between its graphs; --compile step still
+    forces it."""
+    monkeypatch.setattr(fast, "sync", lambda device: None)
+    model, world = FakeModel(), runtime.Distributed({"WORLD_SIZE": "2", "RANK": "0"})
+    choice = fast.CompileChoice(model, torch.device("cuda"), "auto", dist=world, network=FakeNetwork(model))
+    assert "step" not in choice.schedule and set(choice.times) == {"compiled", "eager"}
+    forced = fast.CompileChoice(model, torch.device("cuda"), "step", dist=world, network=FakeNetwork(model))
+    assert forced.choice == "step"
 
 
 @pytest.mark.parametrize("dtype, loss_rtol, rtol", [(None, 1e-6, 1e-5), (torch.bfloat16, 1e-4, 3e-2)])

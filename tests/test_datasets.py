@@ -269,8 +269,9 @@ def data_root(tmp_path_factory):
 
 
 def tiny(data_dir, run_dir, name, *extra, epochs=1):
+    """Flags of a one-epoch run on the CPU (also where CUDA is: numbers are compared on the CPU)."""
     return ["--dataset", name, "--data-dir", data_dir, "--run-dir", run_dir, "--no-visdom", "--epochs", epochs,
-            "--no-compile", *SMALL_ARCH, *SMALL_BATCHES, *extra]
+            "--no-compile", "--device", "cpu", *SMALL_ARCH, *SMALL_BATCHES, *extra]
 
 
 @pytest.mark.parametrize("name", sorted(WRITERS))
@@ -312,15 +313,16 @@ def test_crops_and_flips_are_drawn_for_training_images_only(data_root):
 
 
 def test_an_ensemble_averages_the_capsule_lengths(data_root, tmp_path):
-    """--eval-only --resume A --resume B: each model's accuracy and the ensemble's, whose
-    predictions are the argmax of the two models' mean lengths (checked in this process)."""
+    """--eval-only --resume A --resume B on the CPU: each model's accuracy and the ensemble's, whose
+    predictions are the argmax of the two models' mean lengths (recomputed here on the CPU, with
+    the same arithmetic, so that they agree to 1e-6)."""
     runs = [str(tmp_path / f"run{k}") for k in (1, 2)]
     for seed, run in enumerate(runs):
         done = run_main(tiny(data_root, run, "fashion-mnist", "--seed", seed))
         assert done.returncode == 0, describe(done)
     out = str(tmp_path / "eval")
     done = run_main(["--eval-only", "--resume", os.path.join(runs[0], "last.pt"), "--resume",
-                       os.path.join(runs[1], "last.pt"), "--run-dir", out])
+                     os.path.join(runs[1], "last.pt"), "--run-dir", out, "--device", "cpu"])
     assert done.returncode == 0, describe(done)
     assert "model 1 (" in done.stdout and "model 2 (" in done.stdout and "ensemble of 2: test accuracy" in done.stdout
     with open(os.path.join(out, "eval.json"), encoding="utf-8") as f:

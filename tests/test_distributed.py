@@ -3,6 +3,7 @@ training as one process, one voice, resume across process counts, --resume auto,
 "nodes" on this machine, and a batch the world size does not divide."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,10 +29,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun_command(args, nproc=2, nnodes=1, node_rank=0, port=None):
+def torchrun_command(args, nproc=2, nnodes=1, node_rank=0, port=None, script=SCRIPT):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", str(nnodes),
             "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()),
-            SCRIPT, *map(str, args)]
+            script, *map(str, args)]
 
 
 def env():
@@ -133,11 +134,12 @@ def worker_pids(parent):
     return found
 
 
-def test_a_killed_worker_ends_the_job_and_leaves_last_pt_intact(tiny_mnist, tmp_path):
-    """kill -9 of rank 1 after the first checkpoint: torchrun ends the job with a non-zero exit and
-    last.pt still loads and resumes."""
-    run = str(tmp_path / "run")
-    proc = subprocess.Popen(torchrun_command(train_args(tiny_mnist["root"], run, epochs=200)), cwd=ROOT, env=env(),
+def test_a_killed_worker_ends_the_job_and_leaves_last_pt_intact(one_and_two, tmp_path):
+    """kill -9 of rank 1 after the first checkpoint: torchrun ends the job with a non-zero exit,
+    last.pt still loads, and resumed (in one process) to the next epoch it ends where an
+    uninterrupted run of as many epochs ends (to 1e-5: fp32, ODD)."""
+    run, data = str(tmp_path / "run"), one_and_two["data"]["root"]
+    proc = subprocess.Popen(torchrun_command(train_args(data, run, *ODD, epochs=200)), cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -157,6 +159,13 @@ def test_a_killed_worker_ends_the_job_and_leaves_last_pt_intact(tiny_mnist, tmp_
     assert ckpt["epoch"] >= 1 and len(read_rows(run)) >= ckpt["epoch"]
     done = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", ckpt["epoch"] + 1])
     assert done.returncode == 0, describe(done)
+    straight = one_and_two["one"]  # 2 epochs
+    if ckpt["epoch"] + 1 != 2:
+        straight = str(tmp_path / "straight")
+        done = run_main(train_args(data, straight, *ODD, epochs=ckpt["epoch"] + 1))
+        assert done.returncode == 0, describe(done)
+    same_rows(read_rows(run), read_rows(straight))
+    same_weights(os.path.join(run, "last.pt"), os.path.join(straight, "last.pt"))
 
 
 def test_two_nodes_on_the_loopback_address_train_an_epoch(tiny_mnist, tmp_path):
@@ -250,3 +259,77 @@ def test_two_processes_stopped_mid_epoch_resume_in_step(one_and_two, tmp_path):
     reference = one_and_two["two"]
     same_rows(read_rows(run), read_rows(reference))
     same_weights(os.path.join(run, "last.pt"), os.path.join(reference, "last.pt"))
+
+
+# ---- a fault in one process ends every process alike (capsnet/faults.py) ----
+INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
+
+
+@pytest.mark.parametrize("fault, code, line", [
+    ("nan", 4, "the training loss became NaN or infinite at epoch 2, batch 3 (learning rate 0.00096): the run "
+               "diverged; {last} keeps epoch 1; lower --lr, or resume an earlier checkpoint"),
+    ("oom", 3, "out of memory (OutOfMemoryError) at --batch-size 20, --eval-batch-size 50: lower them; the "
+               "checkpoints written so far are intact"),
+    ("data", 2, "cannot load MNIST: train-images-idx3-ubyte is cut short (injected)"),
+])
+def test_a_fault_in_one_process_ends_every_process_alike(tiny_mnist, tmp_path, fault, code, line):
+    """A NaN loss, an out-of-memory error (in epoch 2, step 3) or a data error (at loading) in rank
+    1 alone: both processes exit within seconds with the same code, rank 0 prints the one line,
+    and what is written follows one process's rules (last.pt and the rows keep epoch 1, finite;
+    nothing at all for the data error)."""
+    run, mark = str(tmp_path / "run"), str(tmp_path / "fault-time")
+    environ = dict(env(), CAPSNET_TEST_FAULT=fault, CAPSNET_TEST_FAULT_STEP="13", CAPSNET_TEST_FAULT_FILE=mark)
+    command = torchrun_command(train_args(tiny_mnist["root"], run, "--no-amp", epochs=3), script=INJECT)
+    done = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
+    ended = time.time()
+    with open(mark, encoding="utf-8") as f:
+        took = ended - float(f.read())
+    ours = [l for l in done.stderr.splitlines() if l.startswith("capsule_network.py: error:")]
+    last = os.path.join(run, "last.pt")
+    assert ours == ["capsule_network.py: error: " + line.format(last=last)], describe(done)
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", done.stderr)
+    assert done.returncode != 0 and codes and set(codes) == {str(code)}, describe(done)
+    assert 'capsule_network.py", line' not in done.stderr and took < 20, (took, describe(done))  # no worker traceback
+    if fault == "data":
+        assert not os.path.exists(run)
+    else:
+        ckpt = load_pt(last)
+        assert ckpt["epoch"] == 1 and "partial" not in ckpt and [r["epoch"] for r in read_rows(run)] == [1]
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+        assert not [f for f in os.listdir(run) if ".tmp" in f]
+
+
+# ---- GPUs under torchrun, faked on the CPU ----
+def test_nccl_is_told_the_process_gpu_where_torch_can(monkeypatch):
+    """Distributed.start on a GPU: init_process_group("nccl", device_id=that GPU) where this torch
+    takes device_id (2.3 on); gloo on the CPU, without it."""
+    import inspect
+
+    import torch.distributed as tdist
+    from capsnet import runtime
+
+    takes, calls = "device_id" in inspect.signature(tdist.init_process_group).parameters, []
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    world = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}  # no MASTER_ADDR: no store to meet at
+    runtime.Distributed(world).start(torch.device("cuda", 1))
+    runtime.Distributed(world).start(torch.device("cpu"))
+    assert calls == [("nccl", {"device_id": torch.device("cuda", 1)} if takes else {}), ("gloo", {})]
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc-per-node 4 on a machine with 2 GPUs: refused in one line before any GPU is
+    touched (each process used to share a GPU by LOCAL_RANK modulo the count); as many as the GPUs
+    are fine."""
+    from capsnet import runtime
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    four = runtime.Distributed({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"})
+    with pytest.raises(runtime.UsageError) as info:
+        four.device(torch.device("cuda"))
+    assert str(info.value) == ("torchrun started 4 processes on this machine, which has 2 GPUs: one process per GPU "
+                               "(--nproc-per-node 2), or --device cpu")
+    assert runtime.how_it_ended(info.value, {}, True)[0] == 2 and not chosen
+    two = runtime.Distributed({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert two.device(torch.device("cuda")) == torch.device("cuda", 1) == chosen[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capsnet import efficient
+from capsnet import efficient, runtime
 from conftest import ROOT, cn, describe, load_pt, read_rows, run_main, train_args
 
 EFFICIENT = ["--model", "efficient-capsnet"]
@@ -294,3 +294,22 @@ def test_the_shipped_weights_are_the_runs_final_epoch_and_classify_real_digits(r
         result = json.load(f)
     assert result["test_images"] == 200 and result["checkpoint_epoch"] == 42
     assert result["test_accuracy"] >= 99.0 and result["test_loss"] < 0.03, result
+
+
+@pytest.mark.parametrize("device, world, synchronised", [("cuda", 2, True), ("cpu", 2, False), ("cuda", 1, False)])
+def test_batch_norm_is_synchronised_only_on_cuda_under_torchrun(monkeypatch, device, world, synchronised):
+    """wrap_ddp (DistributedDataParallel faked): on CUDA under torchrun the four batch norms become
+    SyncBatchNorm in place, keeping the very parameters and buffers the optimizer and the checkpoint
+    hold; on the CPU (no synchronised batch norm in torch) and in one process they stay plain."""
+    made = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: made.append(model))
+    torch.manual_seed(0)
+    model = cn.build_model(dict(cn.default_config(), MODEL="efficient-capsnet"))
+    params, buffers, keys = list(model.parameters()), list(model.buffers()), list(model.state_dict())
+    runtime.wrap_ddp(model, torch.device(device, 0) if device == "cuda" else torch.device(device),
+                     runtime.Distributed({"WORLD_SIZE": str(world), "RANK": "0"}))
+    norms = [type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms == [torch.nn.SyncBatchNorm if synchronised else torch.nn.BatchNorm2d] * 4
+    assert made == ([model] if world > 1 else []) and list(model.state_dict()) == keys
+    assert all(a is b for a, b in zip(model.parameters(), params)) and len(list(model.parameters())) == len(params)
+    assert all(a is b for a, b in zip(model.buffers(), buffers))

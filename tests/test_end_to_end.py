@@ -98,6 +98,7 @@ def test_resume_continues_exactly(trained_run, tmp_path):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert float(sa[k]["step"]) == float(sb[k]["step"]) == 30
+        torch.testing.assert_close(sa[k]["exp_avg"], sb[k]["exp_avg"], rtol=0, atol=1e-9)
         torch.testing.assert_close(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"], rtol=0, atol=1e-9)
     assert ra["scheduler"]["last_epoch"] == rb["scheduler"]["last_epoch"] == 3
     assert torch.equal(ra["rng_state"]["cpu"], rb["rng_state"]["cpu"])
