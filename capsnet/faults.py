@@ -64,26 +64,28 @@ class FaultBoard:
 
     def post(self, code, line):
         """This process ends with (exit code, line): -> the job's (code, line), the first posted by any
-        process. The first poster waits until every other has noted its end. From here a SIGTERM
-        (torchrun stopping the rest once one process has exited) exits with the job's code."""
+        process (the caller prints it, then finish() ends the process). From here a SIGTERM (torchrun
+        stopping the rest once one process has exited) exits with the job's code."""
         self.settled.set()
         rank, code, line = self.store.compare_set(self.key, "", f"{self.rank}\n{code}\n{line}").decode().split("\n", 2)
         self.ending, self.first = int(code), int(rank) == self.rank
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(int(code)))
-        deadline = time.monotonic() + self.ACKS_WAIT
-        while self.first and self.store.add(self.acks, 0) < self.world - 1 and time.monotonic() < deadline:
-            time.sleep(self.POLL)
         return self.ending, line
 
     def finish(self):
-        """The end of a process that a fault ends (post()): its note for the first poster (unless it is
-        that one), then exit with the agreed code at once, without taking down the process group
-        (other processes may be gone, or stuck in a collective that would never return)."""
-        if not self.first:
-            self.store.add(self.acks, 1)
+        """The end of a process that a fault ends (post()), after its line was printed: its note for the
+        first poster, or, for the first poster, a wait until every other has noted its end (so that
+        it exits last: torchrun stops the others once one has exited); then exit with the agreed
+        code at once, without taking down the process group (other processes may be gone, or stuck
+        in a collective that would never return)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        if not self.first:
+            self.store.add(self.acks, 1)
+        deadline = time.monotonic() + self.ACKS_WAIT
+        while self.first and self.store.add(self.acks, 0) < self.world - 1 and time.monotonic() < deadline:
+            time.sleep(self.POLL)
         os._exit(self.ending)
 
     def watch(self):
