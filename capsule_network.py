@@ -303,17 +303,19 @@ def factored_routing(W, u, iterations, record, children_last=False, leaky=False,
     return v.transpose(0, 1), c.permute(1, 2, 0), (torch.stack(changes) if record else None)
 
 
-def make_decoder(kind, inputs, hidden, channels, size, batch_norm=False):
-    """The masked capsules (B, inputs) -> pixels: Fig. 2's fully connected decoder (fc), or
-    ethanleet/CapsNet's transposed convolutions (deconv, capsnet/decoders.py). `batch_norm`
-    (DECODER_BN, not in the paper): ethanleet's batch norm before each hidden layer's ReLU."""
-    if kind == "deconv":
-        return DeconvDecoder(inputs, channels, size, batch_norm)
+def make_decoder(cfg):
+    """A CapsNetConfig's decoder, the masked capsules (B, J * E) -> pixels: Fig. 2's fully connected
+    one (fc), or ethanleet/CapsNet's transposed convolutions (deconv, capsnet/decoders.py);
+    `decoder_bn` (DECODER_BN, not in the paper): ethanleet's batch norm before each hidden ReLU."""
+    inputs, channels, size = cfg.digit_dim * cfg.num_classes, cfg.image_channels, cfg.image_size
+    if cfg.decoder == "deconv":
+        return DeconvDecoder(inputs, channels, size, cfg.decoder_bn)
 
     def hidden_layer(n_in, n_out):
-        return [nn.Linear(n_in, n_out), *([nn.BatchNorm1d(n_out)] if batch_norm else []), nn.ReLU(inplace=True)]
-    return nn.Sequential(*hidden_layer(inputs, hidden[0]), *hidden_layer(hidden[0], hidden[1]),
-                         nn.Linear(hidden[1], channels * size * size), nn.Sigmoid())
+        return [nn.Linear(n_in, n_out), *([nn.BatchNorm1d(n_out)] if cfg.decoder_bn else []), nn.ReLU(inplace=True)]
+    return nn.Sequential(*hidden_layer(inputs, cfg.decoder_hidden1), *hidden_layer(cfg.decoder_hidden1,
+                                                                                   cfg.decoder_hidden2),
+                         nn.Linear(cfg.decoder_hidden2, channels * size * size), nn.Sigmoid())
 
 
 @dataclasses.dataclass
@@ -378,9 +380,7 @@ class CapsuleNet(nn.Module):
         # W_ij (E x D) for every parent j and child i: (J, I, E, D); small initialisation.
         self.W = nn.Parameter(cfg.w_init_std * torch.randn(cfg.num_classes, self.num_primary, cfg.digit_dim,
                                                            cfg.primary_dim))
-        self.decoder = make_decoder(cfg.decoder, cfg.digit_dim * cfg.num_classes,
-                                    (cfg.decoder_hidden1, cfg.decoder_hidden2), cfg.image_channels, cfg.image_size,
-                                    cfg.decoder_bn)
+        self.decoder = make_decoder(cfg)
         # the authors' code adds a bias to s_j, starting at 0.1 (its bias_variable)
         self.digit_bias = nn.Parameter(torch.full((cfg.num_classes, cfg.digit_dim), 0.1)) if cfg.digit_caps_bias else None
         if cfg.init == "authors":
@@ -489,10 +489,7 @@ class EfficientCapsNet(EfficientBody):
     forward, decode = CapsuleNet.forward, CapsuleNet.decode
 
     def __init__(self, config):
-        decoder = make_decoder(config.decoder, config.digit_dim * config.num_classes,
-                               (config.decoder_hidden1, config.decoder_hidden2), config.image_channels,
-                               config.image_size, config.decoder_bn)
-        super().__init__(decoder, config.num_classes, config.image_size, config.image_channels, config.digit_dim)
+        super().__init__(make_decoder(config), config.num_classes, config.image_size, config.image_channels, config.digit_dim)
         self.config = config
 
     def capsules(self, images):

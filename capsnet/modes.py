@@ -18,7 +18,8 @@ from capsnet.fast import model_to_device
 from capsnet.figures import write_figures, write_predictions
 from capsnet.meters import PassStats, meter_values, pass_meters, print_evaluation
 from capsnet.primary import write_primary_figure
-from capsnet.runtime import UsageError, amp_dtype, atomic_torch_save, load_weights, setup_process, sync
+from capsnet.runtime import (UsageError, amp_dtype, atomic_torch_save, first_non_finite, load_weights, setup_process,
+                             sync)
 
 
 def add_mode_flags(parser):
@@ -185,9 +186,9 @@ def run_predict(cfg, ckpt, paths, build_model):
 def export_weights(ckpt, cfg, path):
     """The model weights alone, in fp16, with the constants that define the model (no paths)."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:  # nothing non-finite is written
-        raise UsageError(f"--export-weights: {bad[0]} is not finite in fp16 (NaN, or beyond fp16's +-65504): "
+    bad = first_non_finite(state.items())
+    if bad is not None:  # nothing non-finite is written
+        raise UsageError(f"--export-weights: {bad} is not finite in fp16 (NaN, or beyond fp16's +-65504): "
                          f"nothing written")
     atomic_torch_save({"model": state, "config": {k: cfg[k] for k in MODEL_KEYS}, "epoch": ckpt.get("epoch")},
                       path)

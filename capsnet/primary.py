@@ -33,13 +33,13 @@ SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # the coefficient of a row's capsule, 
 
 def scaled_capsules(model, images):
     """images (B, C, H, W) in [0, 1] -> (x (B, I, D): each primary capsule times its coupling to the
-    predicted class, the predicted classes (B,)), without gradients."""
+    predicted class, those couplings (B, I), the predicted classes (B,)), without gradients."""
     with torch.no_grad():
         u = model.primary_capsules(standardize(images) if model.config.standardize else images)  # (B, I, D)
         v, c = model.capsules(images)  # c (B, I, J)
         predicted = v.norm(dim=-1).argmax(1)
         coupling = c.gather(2, predicted.view(-1, 1, 1).expand(-1, c.shape[1], 1))  # (B, I, 1)
-    return u * coupling, predicted
+    return u * coupling, coupling.squeeze(-1), predicted
 
 
 def make_decoder(inputs, pixels):
@@ -59,12 +59,12 @@ def train_decoder(model, images, epochs=EPOCHS, batch=BATCH, seed=0):
     decoder = make_decoder(x.shape[1], targets.shape[1]).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=LR)
     capsules, dim = model.num_primary, model.primary_dim
+    low, high = KEEP_RANGE
     errors = []
     for _ in range(epochs):
         order, total = torch.randperm(len(x), generator=g, device=device), 0.0
         for k in range(0, len(x), batch):
             rows = order[k:k + batch]
-            low, high = KEEP_RANGE
             keep = low + (high - low) * torch.rand(len(rows), 1, generator=g, device=device)
             mask = (torch.rand(len(rows), capsules, generator=g, device=device) < keep).repeat_interleave(dim, 1)
             error = ((decoder(x[rows] * mask) - targets[rows]) ** 2).sum(1)
@@ -81,11 +81,8 @@ def figure(model, decoder, images, rows=ROWS, scales=SCALES):
     largest |c_ij* u_i|; in each, the input, the reconstruction from all capsules, then the capsule
     alone at `scales` x its coupling. -> (tiles (N * rows, 2 + len(scales), C, H, W), and for each
     image its predicted class and the chosen capsules' (type, row, column, coupling))."""
-    x, predicted = scaled_capsules(model, images)  # (N, I, D)
+    x, coupling, predicted = scaled_capsules(model, images)  # (N, I, D), (N, I)
     strength = x.norm(dim=-1)  # (N, I): |c_ij* u_i|
-    with torch.no_grad():
-        u = model.primary_capsules(standardize(images) if model.config.standardize else images)
-    u_norm = u.norm(dim=-1).clamp(min=1e-12)
     C, H, W = images.shape[1:]
     tiles, chosen = [], []
     grid = model.grid
@@ -99,8 +96,7 @@ def figure(model, decoder, images, rows=ROWS, scales=SCALES):
                 alone[:, i] = x[n, i] * torch.tensor(scales, device=x.device).view(-1, 1)
                 drawn = decoder(alone.flatten(1)).view(-1, C, H, W)
                 tiles.append(torch.cat([images[n:n + 1], everything[n:n + 1], drawn]))
-                c = float(strength[n, i] / u_norm[n, i])
-                picked.append((i // (grid * grid), i // grid % grid, i % grid, round(c, 4)))
+                picked.append((i // (grid * grid), i // grid % grid, i % grid, round(float(coupling[n, i]), 4)))
             chosen.append({"class": int(predicted[n]), "capsules": picked})
     return torch.stack(tiles), chosen
 

@@ -201,14 +201,19 @@ def load_checkpoint(path):
     raise UsageError(f"--resume: {path} holds neither a checkpoint nor a model state dict")
 
 
+def first_non_finite(named):
+    """The name of the first floating-point tensor of (name, tensor) pairs that holds a NaN or an
+    infinity; None when none does."""
+    return next((name for name, v in named if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
 def non_finite(ckpt):
     """The name of the first weight, or Adam state, of a checkpoint dict that is NaN or infinite;
     None when all are finite."""
     tensors = list(ckpt["model"].items())
     for index, state in ckpt.get("optimizer", {}).get("state", {}).items():
         tensors += [(f"Adam's {key} of parameter {index}", v) for key, v in state.items() if torch.is_tensor(v)]
-    bad = [name for name, v in tensors if v.is_floating_point() and not torch.isfinite(v).all()]
-    return bad[0] if bad else None
+    return first_non_finite(tensors)
 
 
 def finite_weights(model):
@@ -219,11 +224,11 @@ def finite_weights(model):
 def load_weights(model, state):
     """Load a state dict into `model`; weights that do not fit, or are not finite (a diverged
     run's), are one UsageError line."""
-    for name, value in state.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise UsageError(f"--resume: the checkpoint's weights are not finite (NaN or inf in {name}): it "
-                             f"comes from a diverged run; resume an earlier checkpoint or train again with a "
-                             f"lower --lr")
+    name = first_non_finite(state.items())
+    if name is not None:
+        raise UsageError(f"--resume: the checkpoint's weights are not finite (NaN or inf in {name}): it "
+                         f"comes from a diverged run; resume an earlier checkpoint or train again with a "
+                         f"lower --lr")
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:

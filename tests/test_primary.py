@@ -12,13 +12,14 @@ def test_the_decoder_reads_each_primary_capsule_times_its_coupling_to_the_predic
     iteration, computed here from the model's own parts."""
     model = small_model(w_init_std=0.5)
     images, _ = digit_batch
-    x, predicted = primary.scaled_capsules(model, images)
+    x, coupling, predicted = primary.scaled_capsules(model, images)
     with torch.no_grad():
         u = model.primary_capsules(images)
         v, c = model.capsules(images)
     assert torch.equal(predicted, v.norm(dim=-1).argmax(1))
     want = torch.stack([u[n] * c[n, :, predicted[n]].unsqueeze(-1) for n in range(len(images))])
     torch.testing.assert_close(x, want)
+    torch.testing.assert_close(coupling, torch.stack([c[n, :, predicted[n]] for n in range(len(images))]))
     assert x.shape == (len(images), model.num_primary, 8)
 
 
@@ -34,7 +35,7 @@ def test_the_decoder_learns_and_each_row_decodes_one_capsule_alone(digit_batch, 
     decoder.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
     tiles, chosen = primary.figure(model, decoder, images[:2], rows=3)
     assert tiles.shape == (2 * 3, 2 + len(primary.SCALES), 1, 28, 28)
-    x, _ = primary.scaled_capsules(model, images[:2])
+    x, coupling, _ = primary.scaled_capsules(model, images[:2])
     torch.testing.assert_close(seen[0], x.flatten(1))
     strongest = x[1].norm(dim=-1).topk(3).indices.tolist()
     last = seen[-1].view(len(primary.SCALES), model.num_primary, 8)  # image 1's third row
@@ -43,5 +44,5 @@ def test_the_decoder_learns_and_each_row_decodes_one_capsule_alone(digit_batch, 
         torch.testing.assert_close(last[k, i], x[1, i] * scale)
         assert last[k].abs().sum() == last[k, i].abs().sum()  # nothing else
     grid = model.grid
-    assert chosen[1]["capsules"][2][:3] == (i // (grid * grid), i // grid % grid, i % grid)
+    assert chosen[1]["capsules"][2] == (i // (grid * grid), i // grid % grid, i % grid, round(float(coupling[1, i]), 4))
     assert torch.equal(tiles[:, 0], images[:2].repeat_interleave(3, 0))

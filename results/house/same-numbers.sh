@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The numbers of a fixed-seed tiny run, before and after a change to the code: the same command at
 # commit BEFORE (a temporary git worktree) and in this working tree; every metric of every epoch
-# but the timings and the device's name must be identical.
+# but the timings and the device's name must be identical; keys the change added are listed.
 #   bash results/house/same-numbers.sh BEFORE DATA_DIR [PYTHON]
 set -euo pipefail
 before=$1 data=$2 python=${3:-python}
@@ -22,8 +22,12 @@ for preset in "" authors; do
 import json, sys
 skip = {"train_seconds", "test_seconds", "train_images_per_s", "device_name"}
 rows = [[{k: v for k, v in json.loads(line).items() if k not in skip} for line in open(path)] for path in sys.argv[1:3]]
-assert len(rows[0]) == 2 and rows[0] == rows[1], f"{sys.argv[3]}: the numbers differ:\n{rows[0]}\n{rows[1]}"
-print(f"{sys.argv[3]}: 2 epochs, {len(rows[0][0])} metrics each, identical (test accuracy "
-      f"{rows[1][-1]['test_accuracy']:.2f}%, test loss {rows[1][-1]['test_loss']:.6f})")
+before, after = rows  # keys the change added (e.g. test_set) are new columns, not changed numbers
+shared = [{k: row[k] for k in old if k in row} for old, row in zip(before, after)]
+assert len(before) == 2 and shared == before, f"{sys.argv[3]}: the numbers differ:\n{before}\n{after}"
+added = sorted(set(after[0]) - set(before[0]))
+print(f"{sys.argv[3]}: 2 epochs, {len(before[0])} metrics each, identical (test accuracy "
+      f"{after[-1]['test_accuracy']:.2f}%, test loss {after[-1]['test_loss']:.6f})"
+      + (f"; added: {', '.join(added)}" if added else ""))
 PY
 done
