@@ -83,7 +83,10 @@ def use_compiled_routing(model, compiled=True):
     """Route `model`'s capsules with torch.compile's version of its routing (made at the first call,
     from model.routing_to_compile()), or, compiled=False, with its eager routing again. Only the
     capsule part is compiled: it fuses the memory-bound routing ops, while the convolutions stay
-    on the vendor kernels (compiling them made CPU training slower)."""
+    on the vendor kernels (compiling them made CPU training slower). A model without routing (the CNN
+    baselines) has nothing to compile and is left as it is."""
+    if not hasattr(model, "routing_to_compile"):
+        return
     if compiled and model not in _COMPILED:
         _COMPILED[model] = CompiledOrEager(model.routing_to_compile())
     model.routing = _COMPILED[model] if compiled else model.eager_routing
@@ -336,8 +339,6 @@ class CompileChoice:
             self.use(self.choice)
 
     def use(self, kind):
-        if not hasattr(self.model, "routing_to_compile"):
-            return
         use_compiled_routing(self.model, kind != "eager")  # "step": the compiled routing serves the test pass
         if self.network is not None:
             self.network.use_whole_step(kind == "step")
