@@ -1,4 +1,4 @@
-"""Data for capsule_network.py: the readers (torchvision's MNIST-format sets, CIFAR-10, SVHN,
+"""Data for capsule_network.py: the readers (MNIST-format sets, CIFAR-10, SVHN,
 smallNORB, image folders), batches on the device, the per-image training shift (paper, sec. 5),
 crops and flips, and MultiMNIST (sec. 6): pairs of digits composed on the device."""
 
@@ -56,27 +56,39 @@ MNIST_FILES = (
 )
 
 
-def load_idx(kind, data_dir, train, limit=0, split=None):
-    """An MNIST-format data set through torchvision (MNIST, FashionMNIST, KMNIST, EMNIST with
-    `split`), from its IDX files in DATA_DIR/<kind>/raw -> (images uint8 (N, 28, 28), labels
-    int64 (N,), class names), on the CPU, as torchvision stores them. Raises UsageError (one
-    line) if the files are missing, cannot be downloaded, or are corrupt."""
-    import torchvision.datasets
+# The class names torchvision gives the MNIST-format sets read here without it (load_idx)
+IDX_CLASSES = {
+    "MNIST": ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+              "8 - eight", "9 - nine"],
+    "FashionMNIST": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"],
+    "KMNIST": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+}
 
+
+def load_idx(kind, data_dir, train, limit=0, split=None):
+    """An MNIST-format data set (MNIST, FashionMNIST, KMNIST, EMNIST with `split`) from its IDX
+    files in DATA_DIR/<kind>/raw -> (images uint8 (N, 28, 28), labels int64 (N,), class names), on
+    the CPU, as torchvision stores them. When the four files are there uncompressed (not EMNIST),
+    they are read here, the same bytes into the same tensors as torchvision's loader, without the
+    2 s that importing torchvision costs every process; otherwise torchvision reads them (it also
+    downloads them, or unpacks the official .gz files). Raises UsageError (one line) if the files are missing,
+    cannot be downloaded, or are corrupt."""
     raw = os.path.join(data_dir, kind, "raw")
     if kind == "EMNIST":
         expected = [f"emnist-{split}-{part}-{kind_}-ubyte" for part in ("train", "test")
                     for kind_ in ("images-idx3", "labels-idx1")]
     else:
         expected = list(MNIST_FILES)
-    chatter = io.StringIO()  # torchvision prints its download attempts; we report one line
     try:
         for name in expected:  # torchvision's own check of a wrong header is a bare assert
             check_idx_header(os.path.join(raw, name))
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            dataset = getattr(torchvision.datasets, kind)(data_dir, train=train, download=True,
-                                                          **({"split": split} if split else {}))
-        images, labels, classes = dataset.data, dataset.targets, list(dataset.classes)
+        if kind in IDX_CLASSES and all(os.path.isfile(os.path.join(raw, name)) for name in expected):
+            images_file, labels_file = expected[:2] if train else expected[2:]
+            images, labels = read_idx(os.path.join(raw, images_file)), read_idx(os.path.join(raw, labels_file))
+            labels, classes = labels.long(), list(IDX_CLASSES[kind])
+        else:
+            images, labels, classes = torchvision_idx(kind, data_dir, train, split)
         if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or images.dtype != torch.uint8:
             raise ValueError(f"images have shape {tuple(images.shape)}, expected (N, 28, 28) uint8")
         if labels.shape != images.shape[:1]:
@@ -90,7 +102,39 @@ def load_idx(kind, data_dir, train, limit=0, split=None):
                          f"or a network connection to download them): {type(e).__name__}: {reason}") from None
     if limit:
         images, labels = images[:limit], labels[:limit]
-    return images, labels.long(), classes
+    return images, labels, classes
+
+
+def torchvision_idx(kind, data_dir, train, split):
+    """load_idx through torchvision's data set class (download, the official .gz files) -> images, int64 labels, classes."""
+    import torchvision.datasets
+
+    chatter = io.StringIO()  # torchvision prints its download attempts; load_idx reports one line
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        dataset = getattr(torchvision.datasets, kind)(data_dir, train=train, download=True,
+                                                      **({"split": split} if split else {}))
+    return dataset.data, dataset.targets.long(), list(dataset.classes)
+
+
+def read_idx(path):
+    """One IDX file of unsigned bytes, the MNIST format (the bytes 0, 0, 8 (unsigned bytes) and D, the
+    number of dimensions; D big-endian 32-bit sizes; the values, row-major) -> uint8 tensor of that shape.
+    Raises ValueError naming the file if it is not one or is cut short."""
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    dims = data[3] if len(data) >= 4 else 0
+    header = 4 + 4 * dims
+    if data[:3] != b"\0\0\x08" or not 1 <= dims <= 3 or len(data) < header:
+        raise ValueError(f"{name} is not an IDX file of unsigned bytes")
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    count, found = math.prod(shape), len(data) - header
+    if found != count:
+        raise ValueError(f"{name} holds {found:,} bytes after its header, which says {'x'.join(map(str, shape))} "
+                         f"({count:,} bytes): {'cut short' if found < count else 'more than it says'}")
+    if count == 0:
+        return torch.zeros(shape, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8, offset=header).view(shape)
 
 
 def check_idx_header(path):
@@ -630,9 +674,7 @@ def load_data(cfg, device, train=True):
 
 
 def mnist_classes():
-    import torchvision.datasets
-
-    return list(torchvision.datasets.MNIST.classes)
+    return list(IDX_CLASSES["MNIST"])
 
 
 def load_placed(cfg, device, train=True):
