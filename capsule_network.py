@@ -39,7 +39,6 @@ import copy
 import dataclasses
 import functools
 import os
-import signal
 import sys
 import time
 

@@ -27,6 +27,12 @@ sys.path.insert(0, ROOT)
 import capsule_network as cn  # noqa: E402  (after the sys.path change)
 from capsnet import data, fast  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest.ini runs more worker processes than a 2-core machine has cores: one intra-op thread
+    # each (and in whatever they start), or OpenMP threads spin waiting for a core another holds
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 MNIST_NAMES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",

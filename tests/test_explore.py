@@ -386,10 +386,18 @@ def test_against_a_real_visdom_server(trained, tmp_path):
 
     proc, port = start_server(tmp_path / "env", tmp_path / "server.log")
     out, err = open(tmp_path / "out", "w+"), open(tmp_path / "err", "w+")
-    run = subprocess.Popen([sys.executable, SCRIPT, "--explore", "--resume", trained["path"], "--data-dir",
-                            trained["root"], "--device", "cpu", "--visdom-server", "127.0.0.1", "--visdom-port",
-                            str(port), "--visdom-env", "t", "--run-dir", str(tmp_path / "run")], stdout=out, stderr=err,
-                           env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    # a child inherits an ignored SIGINT: pytest started as a background job by a non-interactive
+    # shell ignores it (so would --explore, and the Ctrl-C below would do nothing); a user's Ctrl-C
+    # reaches a foreground process, so the child starts with Python's own handling
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run = subprocess.Popen([sys.executable, SCRIPT, "--explore", "--resume", trained["path"], "--data-dir",
+                                trained["root"], "--device", "cpu", "--visdom-server", "127.0.0.1", "--visdom-port",
+                                str(port), "--visdom-env", "t", "--run-dir", str(tmp_path / "run")], stdout=out,
+                               stderr=err, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                                                    PYTHONFAULTHANDLER="1"))
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     env = "t_explore"
     try:
         deadline = time.monotonic() + 120
@@ -415,7 +423,13 @@ def test_against_a_real_visdom_server(trained, tmp_path):
         assert "4: +0.25" in window(client, f"{env}_status", env)["content"]
         assert window(client, f"{env}_reconstruction", env)["content"]["src"] != before
         run.send_signal(signal.SIGINT)
-        assert run.wait(timeout=30) == 130
+        try:
+            code = run.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # PYTHONFAULTHANDLER: SIGABRT writes every thread's stack to err
+            run.send_signal(signal.SIGABRT)
+            run.wait(timeout=30)
+            pytest.fail("--explore did not end within 60 s of SIGINT:\n" + open(tmp_path / "err").read()[-6000:])
+        assert code == 130
     finally:
         if run.poll() is None:
             run.kill()

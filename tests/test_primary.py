@@ -3,7 +3,7 @@ learns, and what each row of the figure decodes."""
 
 import torch
 
-from conftest import cn, small_model
+from conftest import small_model
 from capsnet import primary
 
 
