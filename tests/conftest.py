@@ -50,6 +50,20 @@ METRIC_KEYS = {"epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_accuracy", "config", "rng_state"}
 
 
+# The files that take longest, longest first (seconds of wall at -n 3 on the 2-core machine,
+# results/README.md: 168, 121, 115, 78, 57, 52, 45, 40, 30). pytest-xdist hands whole files to its
+# workers in the order of collection (pytest.ini: --no-loadscope-reorder), so none of them starts
+# last and keeps one worker busy after the others have finished.
+LONGEST_FILES = ("test_distributed.py", "test_benchmark.py", "test_visdom.py", "test_efficient.py",
+                 "test_explore.py", "test_baseline.py", "test_visualisations.py", "test_faults.py",
+                 "test_compile.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: each file's order kept
+
+
 # ---- tiny MNIST ----
 def make_digits(n, seed):
     """n learnable-ish 28x28 uint8 images: class k is a bright 6x6 blob at a class-specific place
