@@ -48,7 +48,7 @@ def test_the_direct_reader_gives_what_torchvision_gives(tiny_mnist, tmp_path, ki
 
 
 def test_reading_mnist_does_not_import_torchvision(tiny_mnist):
-    """A process that loads MNIST's uncompressed files never imports torchvision (2 s per process)."""
+    """A process that loads MNIST's uncompressed files never imports torchvision."""
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); from capsnet import data\n"
             f"images = data.load_idx('MNIST', {tiny_mnist['root']!r}, True)[0]\n"
             "print(len(images), 'torchvision' in sys.modules)")
