@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -26,6 +27,12 @@ sys.path.insert(0, ROOT)
 
 import capsule_network as cn  # noqa: E402  (after the sys.path change)
 from capsnet import data, fast  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # a non-interactive shell starts a background job with SIGINT ignored, and every process the
+    # tests start would inherit that: Python's own handling, as in a foreground run, so that the
+    # tests that press Ctrl-C on a child (test_explore.py) test the program, not how pytest began
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest.ini runs more worker processes than a 2-core machine has cores: one intra-op thread

@@ -386,18 +386,10 @@ def test_against_a_real_visdom_server(trained, tmp_path):
 
     proc, port = start_server(tmp_path / "env", tmp_path / "server.log")
     out, err = open(tmp_path / "out", "w+"), open(tmp_path / "err", "w+")
-    # a child inherits an ignored SIGINT: pytest started as a background job by a non-interactive
-    # shell ignores it (so would --explore, and the Ctrl-C below would do nothing); a user's Ctrl-C
-    # reaches a foreground process, so the child starts with Python's own handling
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        run = subprocess.Popen([sys.executable, SCRIPT, "--explore", "--resume", trained["path"], "--data-dir",
-                                trained["root"], "--device", "cpu", "--visdom-server", "127.0.0.1", "--visdom-port",
-                                str(port), "--visdom-env", "t", "--run-dir", str(tmp_path / "run")], stdout=out,
-                               stderr=err, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                                                    PYTHONFAULTHANDLER="1"))
-    finally:
-        signal.signal(signal.SIGINT, inherited)
+    run = subprocess.Popen([sys.executable, SCRIPT, "--explore", "--resume", trained["path"], "--data-dir",
+                            trained["root"], "--device", "cpu", "--visdom-server", "127.0.0.1", "--visdom-port",
+                            str(port), "--visdom-env", "t", "--run-dir", str(tmp_path / "run")], stdout=out, stderr=err,
+                           env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"))
     env = "t_explore"
     try:
         deadline = time.monotonic() + 120
