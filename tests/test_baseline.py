@@ -179,13 +179,13 @@ def test_two_processes_train_the_baseline_as_one(tiny_mnist, tmp_path):
     that the two runs draw nothing the world size could change): the same metrics, and the same
     weights to 1e-4 (the gradient of a 12x12 sec5 network's first fully connected layer is summed in
     another order over two shards, and Adam scales its smallest entries up)."""
-    from test_distributed import same_rows, same_weights, torchrun
+    from test_distributed import same_rows, same_weights, two_processes
 
     small = [*BASELINE, "--image-size", "12", "--train-size", "40", "--test-size", "20", "--baseline-dropout", "0"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     done = run_main(train_args(tiny_mnist["root"], one, *small, epochs=1))
     assert done.returncode == 0, describe(done)
-    done = torchrun(train_args(tiny_mnist["root"], two, *small, epochs=1))
+    done = two_processes(train_args(tiny_mnist["root"], two, *small, epochs=1))
     assert done.returncode == 0, describe(done)
     assert "torchrun: 2 processes (gloo)" in done.stdout and "baseline CNN (sec5" in done.stdout
     same_rows(read_rows(two), read_rows(one))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPT, cn, describe, run_script
+from conftest import ROOT, SCRIPT, cn, describe, run_main
 from capsnet import cli, runtime  # noqa: E402
 
 BENCH = os.path.join(ROOT, "bench.py")
@@ -27,6 +27,10 @@ def run_bench(args, cwd):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, BENCH, *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+def bench_config(*argv):
+    return bench.make_config(bench.build_parser().parse_args(list(argv)))
 
 
 def check_report(done, path):
@@ -52,22 +56,38 @@ def check_report(done, path):
     return result
 
 
-def test_bench_times_a_preset_through_the_trainers_configuration(tmp_path):
-    """bench.py --preset authors --benchmark-json PATH with one timed step: exit 0 and a JSON file
-    with device, dtype, batch size and images/s for this model and the gram-ai-structured baseline,
-    speed-ups from them; the model is the preset's (its parameter count: the trainer's model with
-    the authors' digit-capsule bias, 160 more); no run dir, no data. The trainer itself has no
-    --benchmark (bench.py is the one way in)."""
+def test_bench_times_a_preset_and_a_data_sets_shape_through_the_trainers_configuration(tmp_path):
+    """bench.py --preset authors --dataset cifar10 --benchmark-json PATH with one timed step: exit 0
+    and a JSON file with device, dtype, batch size and images/s for this model, the direct program
+    and the gram-ai-structured baseline, speed-ups from them; the model is the one the trainer builds
+    for that preset and data set (its parameter count), and all three programs run at 3 x 24 x 24
+    (the crop) with 64 primary capsule types: the baseline builds its u_hat for 1,024 children. No
+    run dir, no data. The trainer itself has no --benchmark (bench.py is the one way in)."""
     out = tmp_path / "bench.json"
-    result = check_report(run_bench([*TINY, "--preset", "authors", "--no-benchmark-direct", "--benchmark-json", out],
+    result = check_report(run_bench([*TINY, "--preset", "authors", "--dataset", "cifar10", "--benchmark-json", out],
                                     tmp_path), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
-    preset_model = cn.build_model(cn.default_config(PRESET="authors"))
-    assert result["preset"] == "authors" and preset_model.digit_bias is not None
-    assert result["parameters"] == sum(p.numel() for p in preset_model.parameters()) == 8_215_728
+    assert (result["dataset"], result["input"], result["channels"], result["classes"]) == ("cifar10", "24x24", 3, 10)
+    assert result["direct_train_images_per_s"] > 0 and result["direct_eval_images_per_s"] > 0
+    cfg = bench_config("--preset", "authors", "--dataset", "cifar10")
+    preset_model = cn.build_model(cfg)
+    assert result["preset"] == "authors" and cfg["PRIMARY_CAPS"] == 64 and preset_model.digit_bias is not None
+    assert result["parameters"] == sum(p.numel() for p in preset_model.parameters())
     assert result["device_name"] == runtime.device_name(torch.device("cpu"))
-    done = run_script(["--benchmark"], cwd=tmp_path)
+    model = bench.GramStyleCapsNet(3, 24, 10, 64)
+    assert model.route_weights.shape == (10, 64 * 4 * 4, 8, 16)
+    classes, recon = model(torch.rand(2, 3, 24, 24))
+    assert classes.shape == (2, 10) and recon.shape == (2, 3 * 24 * 24)
+    done = run_main(["--benchmark"])
     assert done.returncode == 2 and "unrecognized arguments: --benchmark" in done.stderr
+
+
+def test_the_presets_model_is_the_trainers():
+    """The authors preset's MNIST model, as bench.py builds it: the trainer's model with the authors'
+    digit-capsule bias, 160 parameters more."""
+    preset_model = cn.build_model(bench_config("--preset", "authors"))
+    assert sum(p.numel() for p in preset_model.parameters()) == 8_215_728
+    assert sum(p.numel() for p in cn.build_model(bench_config()).parameters()) == 8_215_568
 
 
 def test_bench_times_multimnist_at_36x36(tmp_path):
@@ -83,22 +103,6 @@ def test_bench_times_multimnist_at_36x36(tmp_path):
     assert "baseline_train_images_per_s" not in result and "timed alone" in done.stdout
     batch = bench.synthetic_batch(6, 0, torch.device("cpu"), "multimnist")
     assert [tuple(t.shape) for t in batch] == [(6, 36, 36), (6, 2), (6, 2, 36, 36)]
-
-
-def test_bench_times_another_data_sets_shape_against_the_baseline_at_that_shape(tmp_path):
-    """bench.py --dataset cifar10: this model, the direct program and the baseline all at 3 x 24 x 24
-    (the crop) with 64 primary capsule types: the baseline builds its u_hat for 1,024 children."""
-    out = tmp_path / "c10.json"
-    done = run_bench(TINY + ["--dataset", "cifar10", "--json", out], tmp_path)
-    assert done.returncode == 0, describe(done)
-    with open(out, encoding="utf-8") as f:
-        result = json.load(f)
-    assert (result["dataset"], result["input"], result["channels"], result["classes"]) == ("cifar10", "24x24", 3, 10)
-    assert result["baseline_train_images_per_s"] > 0 and result["direct_train_images_per_s"] > 0
-    model = bench.GramStyleCapsNet(3, 24, 10, 64)
-    assert model.route_weights.shape == (10, 64 * 4 * 4, 8, 16)
-    classes, recon = model(torch.rand(2, 3, 24, 24))
-    assert classes.shape == (2, 10) and recon.shape == (2, 3 * 24 * 24)
 
 
 def test_a_baseline_out_of_memory_is_a_result_in_the_json(tmp_path):

@@ -84,7 +84,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
 
-from conftest import (SMALL_ARCH, SMALL_BATCHES, describe, make_digits, read_rows, run_main, run_script,  # noqa: E402
+from conftest import (SMALL_ARCH, SMALL_BATCHES, describe, make_digits, read_rows, run_main,  # noqa: E402
                       write_idx_images, write_idx_labels)
 
 N_TRAIN, N_TEST = 60, 30
@@ -356,7 +356,7 @@ def test_predict_on_png_files_of_a_drawn_digit(tiny_mnist, tmp_path):
     paths = [str(tmp_path / "one.png"), str(tmp_path / "light.png")]
     drawn.save(paths[0])
     Image.new("RGB", (40, 30), (0, 0, 0)).save(paths[1])  # already light-on-dark: not inverted
-    done = run_script(["--predict", *paths, "--resume", os.path.join(run, "last.pt")])
+    done = run_main(["--predict", *paths, "--resume", os.path.join(run, "last.pt")])
     assert done.returncode == 0, describe(done)
     assert f"{paths[0]}: class " in done.stdout and "inverted" in done.stdout.split("\n")[0]
     with open(os.path.join(run, "predictions.json"), encoding="utf-8") as f:

@@ -266,10 +266,10 @@ def test_two_processes_train_and_resume_it(tiny_mnist, tmp_path):
     """torchrun: each process's batch norm sees its share of the batch (DDP keeps rank 0's running
     statistics), so two processes are not bit-equal to one; they train, write one checkpoint, and
     a checkpoint of two continues in one."""
-    from test_distributed import torchrun
+    from test_distributed import two_processes
 
     run = str(tmp_path / "two")
-    done = torchrun(train_args(tiny_mnist["root"], run, *EFFICIENT, "--train-size", 40, "--test-size", 20, epochs=1))
+    done = two_processes(train_args(tiny_mnist["root"], run, *EFFICIENT, "--train-size", 40, "--test-size", 20, epochs=1))
     assert done.returncode == 0 and done.stdout.count("epoch 1/1") == 1, describe(done)
     done = run_main(["--resume", os.path.join(run, "last.pt"), "--epochs", 2])
     assert done.returncode == 0 and [r["epoch"] for r in read_rows(run)] == [1, 2], describe(done)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import N_TEST, cn, copy_run, describe, load_pt, read_rows, run_main, run_script, small_model
+from conftest import N_TEST, cn, copy_run, describe, load_pt, read_rows, run_main, small_model
 from capsnet import figures  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def test_visualize_writes_the_figures(trained_run, tmp_path):
     """--visualize --resume last.pt writes fig4_digit{k}.png for every class in the test set,
     class_masks.png, couplings.png, curves.png and routing_logit_change.png, all valid PNGs."""
     run = copy_run(trained_run["dir"], tmp_path / "vis")
-    done = run_script(["--visualize", "--resume", os.path.join(run, "last.pt")])
+    done = run_main(["--visualize", "--resume", os.path.join(run, "last.pt")])
     assert done.returncode == 0, describe(done)
     names = [f"fig4_digit{k}.png" for k in range(10)] + ["class_masks.png", "couplings.png", "curves.png",
                                                          "routing_logit_change.png", "rotation.png",
@@ -165,7 +165,7 @@ def test_export_weights_fp16_and_evaluate_them(trained_run, tmp_path):
     optimizer); --eval-only accepts that file without the architecture flags and writes eval.json."""
     out = tmp_path / "weights.pt"
     last = os.path.join(trained_run["dir"], "last.pt")
-    done = run_script(["--export-weights", out, "--resume", last])
+    done = run_main(["--export-weights", out, "--resume", last])
     assert done.returncode == 0, describe(done)
     exported, ckpt = load_pt(out), load_pt(last)
     assert "optimizer" not in exported and exported["epoch"] == ckpt["epoch"]
