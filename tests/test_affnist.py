@@ -269,6 +269,32 @@ def test_train_on_expanded_mnist_then_evaluate_on_affnist(tiny_mnist, tmp_path):
         assert json.load(f)["dataset"] == "affNIST-like (generated)"
 
 
+def test_the_comparison_figure_draws_both_models_on_the_test_set_it_names(tiny_mnist, tmp_path, capsys):
+    """results/paper-comparisons/affnist_figure.py with a CapsNet and a CNN trained on expanded-mnist:
+    one PNG of the first COUNT affNIST(-like) images over CapsNet's reconstructions, the line
+    naming the test set and each model's count of right predictions."""
+    import importlib.util
+
+    from conftest import ROOT
+    from test_visualisations import assert_png
+
+    runs = {name: str(tmp_path / name) for name in ("capsnet", "cnn")}
+    small = ["--dataset", "expanded-mnist", "--train-size", "20", "--test-size", "10"]
+    for name, extra in (("capsnet", []), ("cnn", ["--model", "baseline-cnn", "--baseline-dropout", "0"])):
+        done = run_main(train_args(tiny_mnist["root"], runs[name], *small, *extra, epochs=1))
+        assert done.returncode == 0, describe(done)
+    spec = importlib.util.spec_from_file_location(
+        "affnist_figure", os.path.join(ROOT, "results", "paper-comparisons", "affnist_figure.py"))
+    figure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figure)
+    out = str(tmp_path / "digits.png")
+    figure.draw(tiny_mnist["root"], os.path.join(runs["capsnet"], "last.pt"), os.path.join(runs["cnn"], "last.pt"),
+                out, 6)
+    line = capsys.readouterr().out
+    assert line.startswith(f"wrote {out} (affNIST-like (generated): CapsNet ") and "/6 right, CNN " in line
+    assert assert_png(out) == (6 * 130, 320)  # figsize 1.3 x 6 by 3.2 inches at 100 dpi
+
+
 def test_an_mnist_model_is_refused_on_affnist_in_one_line(tiny_mnist, tmp_path):
     """A 28x28 model cannot read 40x40 images (W_ij belong to a 6x6 grid's children, the
     baseline's first layer to a 28x28 map; a central crop cuts digits off): one line that says
