@@ -9,11 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=$1 DATA=$2 OUT=$3 EPOCHS=$4 DECAY=$5
 mkdir -p "$OUT"
-for model in baseline-cnn capsnet; do
+for model in capsnet baseline-cnn; do
   "$PY" capsule_network.py --model "$model" --epochs "$EPOCHS" --lr-decay "$DECAY" --seed 0 --data-dir "$DATA" \
       --run-dir "$OUT/$model" --resume auto --no-visdom
 done
-for model in baseline-cnn capsnet; do
+for model in capsnet baseline-cnn; do
   "$PY" -c 'import json, sys; r = [json.loads(l) for l in open(sys.argv[1])][-1]
 print(f"{sys.argv[2]:13s} epoch {r[\"epoch\"]}  test accuracy {r[\"test_accuracy\"]:.2f}%  error {100 - r[\"test_accuracy\"]:.2f}%")' \
       "$OUT/$model/metrics.jsonl" "$model"
