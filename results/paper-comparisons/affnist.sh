@@ -21,13 +21,15 @@ for model in capsnet baseline-cnn; do
   run="$OUT/$model"
   while true; do
     read -r epoch accuracy < <(last "$run")
-    if [ "$epoch" -ge "$MAX" ] || "$PY" -c 'import sys; sys.exit(float(sys.argv[1]) < float(sys.argv[2]))' "$accuracy" "$TARGET"; then
+    if [ "$epoch" -ge "$MAX" ] || { [ "$epoch" -ge 1 ] &&
+        "$PY" -c 'import sys; sys.exit(float(sys.argv[1]) < float(sys.argv[2]))' "$accuracy" "$TARGET"; }; then
       break
     fi
     "$PY" capsule_network.py --model "$model" --dataset expanded-mnist --epochs $((epoch + 1)) --lr-decay "$DECAY" \
         --seed 0 --data-dir "$DATA" --run-dir "$run" --resume auto --no-visdom
   done
-  echo "$model: stopped after epoch $epoch, expanded-MNIST test accuracy $accuracy% (target $TARGET%, at most $MAX epochs)"
+  printf '%s: stopped after epoch %s, expanded-MNIST test accuracy %.2f%% (target %s%%, at most %s epochs)\n' \
+      "$model" "$epoch" "$accuracy" "$TARGET" "$MAX"
   "$PY" capsule_network.py --eval-only --resume "$run/last.pt" --dataset affnist --data-dir "$DATA" --no-visdom
 done
 "$PY" results/paper-comparisons/affnist_figure.py "$DATA" "$OUT/capsnet/last.pt" "$OUT/baseline-cnn/last.pt" \
