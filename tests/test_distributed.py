@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -54,23 +55,32 @@ def two_processes(args, timeout=600):
     CPU). What torchrun itself does (passing on signals, ending the job when a worker dies, exit
     codes, nodes) is tested through torchrun above and below. -> a CompletedProcess: both
     processes' output (rank 0's first), the first non-zero exit code or 0."""
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env=dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for rank in (0, 1)]
-    outputs = []
+    port, procs = free_port(), []
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]  # no pipe to fill
     try:
-        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+        for rank, (out, err) in enumerate(files):
+            procs.append(subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, stdout=out, stderr=err,
+                                          env=dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                   MASTER_PORT=str(port))))
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        texts = []
+        for stream in (0, 1):  # stdout, then stderr: rank 0's first
+            for pair in files:
+                pair[stream].seek(0)
+            texts.append("".join(pair[stream].read() for pair in files))
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+                proc.wait()
+        for pair in files:
+            for f in pair:
+                f.close()
     code = next((proc.returncode for proc in procs if proc.returncode), 0)
-    return subprocess.CompletedProcess(args, code, "".join(out for out, _ in outputs),
-                                       "".join(err for _, err in outputs))
+    return subprocess.CompletedProcess(args, code, *texts)
 
 
 def same_rows(a, b, tolerance=TOLERANCE):
