@@ -14,7 +14,7 @@ for model in capsnet baseline-cnn; do
       --run-dir "$OUT/$model" --resume auto --no-visdom
 done
 for model in capsnet baseline-cnn; do
-  "$PY" -c 'import json, sys; r = [json.loads(l) for l in open(sys.argv[1])][-1]
-print(f"{sys.argv[2]:13s} epoch {r[\"epoch\"]}  test accuracy {r[\"test_accuracy\"]:.2f}%  error {100 - r[\"test_accuracy\"]:.2f}%")' \
+  "$PY" -c 'import json, sys; r = [json.loads(l) for l in open(sys.argv[1])][-1]; a = r["test_accuracy"]
+print("%-13s epoch %d  test accuracy %.2f%%  error %.2f%%" % (sys.argv[2], r["epoch"], a, 100 - a))' \
       "$OUT/$model/metrics.jsonl" "$model"
 done
