@@ -64,7 +64,7 @@ from capsnet.modes import (add_mode_flags, authors_choices, export_weights, mode
 from capsnet.runtime import (Distributed, RunRecord, UsageError, amp_choice, amp_dtype, autocast, check_position,
                              choose_run_dir, finite_weights, how_it_ended, load_checkpoint, loss_scaler, prepare_run_dir,
                              resume_training, rng_state, scaled_steps, settle, setup_process, step_schedule, stop_signals,
-                             sync, together, truncate_metrics, wrap_ddp)
+                             sync, together, trim_cpu_malloc, truncate_metrics, wrap_ddp)
 from capsnet.visdom_plots import LiveProgress, VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
@@ -700,6 +700,7 @@ class Trainer:
 
     def on_update(self, state):
         self.compile_choice.after_step()
+        trim_cpu_malloc()  # the tuned CPU heap's free pages back to the OS when it has grown
         every = 1 if not self.dist.enabled else self.cfg["PROGRESS_EVERY"]  # a collective under torchrun
         if self.live.batch % every == 0 and self.dist.any(self.stop, self.device):
             self.stop_here(state)

@@ -277,6 +277,41 @@ def test_capsule_net_keeps_big_buffers_mapped_on_its_first_cpu_forward(setting):
         assert tuned == "None" and after > 10000
 
 
+TRIM_PROBE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from capsnet import runtime
+
+tuned = sys.argv[2] == "on" and runtime.tune_cpu_malloc()
+runtime.TRIM_HEADROOM = 128 << 20
+calls = [runtime.trim_cpu_malloc()]  # the first call sets the mark
+big = torch.ones(96 << 20)  # 384 MB, touched, then freed: the tuned heap keeps it
+del big
+held = runtime.resident_bytes()
+calls.append(runtime.trim_cpu_malloc())
+trimmed = runtime.resident_bytes()
+calls.append(runtime.trim_cpu_malloc())  # below the new mark
+print(tuned, *calls, (held - trimmed) >> 20)
+"""
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_a_tuned_heap_hands_its_free_pages_back_once_it_has_grown(setting):
+    """trim_cpu_malloc (after every training step): with the allocator tuned, once the process
+    holds TRIM_HEADROOM more than at the last mark, malloc_trim gives the freed memory back
+    (the 40x40 CapsNet's heap grew until the kernel killed it without this); otherwise nothing."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE, ROOT, setting], capture_output=True,
+                         text=True, check=True).stdout.split()
+    if setting == "on":
+        assert out[:4] == ["True", "False", "True", "False"] and int(out[4]) > 300
+    else:
+        assert out[1:4] == ["False", "False", "False"] and int(out[4]) < 50
+
+
 def test_fused_adam_makes_the_same_update_as_plain_adam(digit_batch):
     """build_optimizer's Adam is the fused one where this torch has it for the CPU, else the plain
     one (torch 2.1); either way it steps the weights like torch's plain Adam."""
