@@ -609,8 +609,7 @@ def trim_cpu_malloc():
     """After a training step, with the allocator tuned: once the process holds TRIM_HEADROOM more
     than after the last trim (the first call sets the mark), hand the heap's free pages back
     (malloc_trim). The tuned heap fragments for some shapes: CapsNet at 40x40 (4,608 children) grew
-    by about 60 MiB a step until the kernel killed it (results/README.md); at 28x28 it never comes
-    to a trim. -> True when it trimmed."""
+    by about 60 MiB a step until the kernel killed it (results/README.md). -> True when it trimmed."""
     global _trim_above
     resident = resident_bytes() if _malloc_tuned else None
     if resident is None:
