@@ -614,8 +614,9 @@ def trim_cpu_malloc():
     resident = resident_bytes() if _malloc_tuned else None
     if resident is None:
         return False
-    if _trim_above is None or resident <= _trim_above:
-        _trim_above = _trim_above or resident + TRIM_HEADROOM
+    if _trim_above is None:
+        _trim_above = resident + TRIM_HEADROOM
+    if resident <= _trim_above:
         return False
     _libc.malloc_trim(0)
     _trim_above = (resident_bytes() or resident) + TRIM_HEADROOM
