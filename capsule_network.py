@@ -63,8 +63,8 @@ from capsnet.modes import (add_mode_flags, authors_choices, export_weights, mode
                            run_eval, run_predict, run_visualize)
 from capsnet.runtime import (Distributed, RunRecord, UsageError, amp_choice, amp_dtype, autocast, check_position,
                              choose_run_dir, finite_weights, how_it_ended, load_checkpoint, loss_scaler, prepare_run_dir,
-                             resume_training, rng_state, scaled_steps, settle, setup_process, step_schedule, stop_signals,
-                             sync, together, trim_cpu_malloc, truncate_metrics, wrap_ddp)
+                             resume_training, scaled_steps, settle, setup_process, step_schedule, stop_signals,
+                             sync, together, training_checkpoint, trim_cpu_malloc, truncate_metrics, wrap_ddp)
 from capsnet.visdom_plots import LiveProgress, VisdomPlots
 
 # ---- constants (each one is also a command-line flag: FOO_BAR -> --foo-bar) ----
@@ -756,10 +756,8 @@ class Trainer:
         return time.perf_counter() - started
 
     def checkpoint(self, epoch):
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_accuracy": self.record.best_accuracy,
-                "config": self.cfg, "rng_state": rng_state(self.device), "compile_choice": self.compile_choice.state(),
-                "scaler": self.network.scaler and self.network.scaler.state_dict()}  # fp16's GradScaler, else None
+        return training_checkpoint(epoch, self.cfg, self.model, self.optimizer, self.scheduler, self.device,
+                                   self.record.best_accuracy, self.compile_choice.state(), self.network.scaler)
 
 
 def run_training(cfg, ckpt, dist=None, resume_auto=False, where=None, origin=None):

@@ -816,6 +816,14 @@ def check_position(ckpt, cfg):
                              f"it, and change it when resuming from the end of an epoch")
 
 
+def training_checkpoint(epoch, cfg, model, optimizer, scheduler, device, best_accuracy, compile_state, scaler):
+    """What last.pt and best.pt hold (resume_training reads it back): the weights, Adam, the schedule,
+    the random state, the settings, the compile choice and fp16's GradScaler (else None)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "best_accuracy": best_accuracy, "config": cfg, "rng_state": rng_state(device),
+            "compile_choice": compile_state, "scaler": scaler and scaler.state_dict()}
+
+
 def resume_training(ckpt, cfg, model, optimizer, scheduler, device):
     """A training checkpoint's weights, Adam, schedule and RNG into a new run's objects, with the
     lines that say so -> (its epoch, its best test accuracy or None). A learning rate given now

@@ -9,18 +9,14 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import capsule_network as cn  # noqa: E402
-from capsnet import data, runtime  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from trained import trained  # noqa: E402
+from capsnet import data  # noqa: E402
 
 
 def evaluate(run_dir, data_dir):
-    ckpt = runtime.load_checkpoint(os.path.join(run_dir, "last.pt"))
-    cfg = cn.configure({"DATA_DIR": data_dir, "DEVICE": "cpu"}, ckpt, os.path.join(run_dir, "last.pt"))[0]
+    cfg, model, ckpt = trained(os.path.join(run_dir, "last.pt"), DATA_DIR=data_dir)
     test = data.load_data(cfg, torch.device("cpu"), train=False).test
-    model = cn.build_model(cfg)
-    runtime.load_weights(model, ckpt["model"])
-    model.eval()
     correct = squared = 0.0
     with torch.no_grad():
         for images_u8, labels in test:

@@ -9,21 +9,16 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import capsule_network as cn  # noqa: E402
-from capsnet import data, runtime  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from trained import trained  # noqa: E402
+from capsnet import data  # noqa: E402
 
 
 def predictions(path, data_dir, count):
     """(test set name, images (count, 1, 40, 40), labels, predicted classes, reconstructions or None)
     of the checkpoint at `path` on the first `count` affNIST(-like) test images."""
-    ckpt = runtime.load_checkpoint(path)
-    cfg = cn.configure({"DATA_DIR": data_dir, "DEVICE": "cpu", "DATASET": "affnist", "TEST_SIZE": count},
-                       ckpt, path)[0]
+    cfg, model, _ = trained(path, DATA_DIR=data_dir, DATASET="affnist", TEST_SIZE=count)
     test_data = data.load_data(cfg, torch.device("cpu"), train=False)
-    model = cn.build_model(cfg)
-    runtime.load_weights(model, ckpt["model"])
-    model.eval()
     images_u8, labels = next(iter(test_data.test))
     images = data.to_float_images(images_u8, cfg["CROP_SIZE"])
     with torch.no_grad():
