@@ -10,8 +10,9 @@ from capsnet import runtime  # noqa: E402
 
 
 def trained(path, **settings):
-    """(settings, model in eval mode on the CPU) of the checkpoint at `path`; `settings` (constants by
-    name, e.g. DATASET="affnist") change what the checkpoint's configuration says, as flags would."""
+    """(settings, model in eval mode on the CPU, the checkpoint itself) of the checkpoint at `path`;
+    `settings` (constants by name, e.g. DATASET="affnist") change what the checkpoint's configuration
+    says, as flags would."""
     ckpt = runtime.load_checkpoint(path)
     cfg = cn.configure({"DEVICE": "cpu", **settings}, ckpt, path)[0]
     model = cn.build_model(cfg)
